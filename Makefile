@@ -1,0 +1,28 @@
+# Two entry points: `make demo` (install + the whole product on the built-in dataset) and
+# `make test` (install + pytest). Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/demo
+
+.PHONY: install test test-slow demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+demo: install
+	OUT=$(OUT) PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+clean:
+	rm -rf runs .pytest_cache

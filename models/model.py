@@ -1,0 +1,296 @@
+"""The tri-modal model: a CNN sketch tower plus open_clip image and text towers in one space.
+
+Every encoder returns L2-normalised vectors of ``embed_dim``. ``configure_stage`` picks which
+branch learns; the frozen ones are anchors. Query fusion (sketch + text) is a weighted mean of the
+two unit vectors, re-normalised, with the weight stored as a buffer so it travels with the
+checkpoint and into the export.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BRANCHES = ("sketch", "image", "text")
+STAGE_TARGETS = BRANCHES + ("all",)
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked (bad name, missing weights...)."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    clip_model: str = "stbir-small"
+    pretrained: str | None = None  # null, an open_clip tag, or a local weights file
+    sketch_backbone: str = "resnet18"
+    sketch_pretrained: str | None = None  # null or a local torchvision state-dict file
+    sketch_size: int = 64
+    fusion_weight: float = 0.5  # weight of the sketch vector in a sketch+text query
+    arcface_classes: int = 0  # set by training from the data; 0 = no head
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Presets are data: a named set of ModelSpec fields. "seed" is the seed's size (ViT-B-32 towers,
+# resnet50 sketch tower, 512-d); "small" trains on two CPU cores in minutes.
+PRESETS: dict[str, dict] = {
+    "small": dict(clip_model="stbir-small", sketch_backbone="resnet18", sketch_size=64),
+    "seed": dict(clip_model="ViT-B-32", sketch_backbone="resnet50", sketch_size=224),
+}
+
+
+def _open_clip():
+    import open_clip
+
+    if "stbir-small" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+    return open_clip
+
+
+class SketchEncoder(nn.Module):
+    """A torchvision CNN on one-channel sketches, projected into the shared space."""
+
+    SUPPORTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+
+    def __init__(self, backbone: str, embed_dim: int, weights_file: str | None = None):
+        super().__init__()
+        import torchvision
+
+        if backbone not in self.SUPPORTED:
+            raise ModelError(f"sketch_backbone {backbone!r} is not one of {', '.join(self.SUPPORTED)}")
+        net = getattr(torchvision.models, backbone)(weights=None)
+        if weights_file:
+            net.load_state_dict(_load_weights_file(weights_file, "sketch_pretrained"))
+        if backbone.startswith("resnet"):
+            conv = net.conv1
+            net.conv1 = _to_one_channel(conv)
+            width = net.fc.in_features
+            net.fc = nn.Identity()
+        else:
+            conv = net.features[0][0]
+            net.features[0][0] = _to_one_channel(conv)
+            width = net.classifier[0].in_features
+            net.classifier = nn.Identity()
+        self.backbone = net
+        self.proj = nn.Linear(width, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.backbone(x))
+
+
+def _to_one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """Sketches are grayscale: sum an RGB stem's filters over colour (exact for gray input)."""
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _load_weights_file(path: str, key: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ModelError(f"{key}: weights file {path} does not exist")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{key}: {path} is not a readable torch weights file ({exc})") from None
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+class ArcFaceHead(nn.Module):
+    """Additive angular margin classifier (Deng et al. 2019) over unit embeddings."""
+
+    def __init__(self, embed_dim: int, num_classes: int, scale: float, margin: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.01)
+        self.scale, self.margin = scale, margin
+
+    def logits(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1)).clamp(-1, 1)
+        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+        target = torch.cos(theta + self.margin)
+        onehot = F.one_hot(labels, cos.shape[1]).bool()
+        return self.scale * torch.where(onehot, target, cos)
+
+
+def fuse(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float | torch.Tensor):
+    """Sketch+text query vector: weighted mean of the unit vectors, re-normalised.
+
+    Either half may be missing; then the other is the query.
+    """
+    if sketch is None and text is None:
+        raise ValueError("a query needs a sketch, a text or both")
+    if sketch is None:
+        return text
+    if text is None:
+        return sketch
+    return F.normalize(weight * sketch + (1 - weight) * text, dim=-1)
+
+
+class STBIRModel(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        open_clip = _open_clip()
+        if spec.clip_model not in open_clip.list_models():
+            raise ModelError(f"clip_model {spec.clip_model!r} is not an open_clip architecture")
+        self.clip = open_clip.create_model(spec.clip_model, pretrained=None)
+        if spec.pretrained:
+            _load_clip_weights(self.clip, spec.clip_model, spec.pretrained)
+        self.clip.logit_scale.requires_grad_(False)  # training uses the config's temperature
+        self.embed_dim = int(self.clip.text_projection.shape[1])
+        self.context_length = int(self.clip.context_length)
+        self.sketch = SketchEncoder(spec.sketch_backbone, self.embed_dim, spec.sketch_pretrained)
+        self.register_buffer("fusion_weight", torch.tensor(float(spec.fusion_weight)))
+        self.arcface = (ArcFaceHead(self.embed_dim, spec.arcface_classes, spec.arcface_scale,
+                                    spec.arcface_margin) if spec.arcface_classes else None)
+        self.stage = "all"
+
+    # -- branches -----------------------------------------------------------------------------
+    def branch_modules(self, branch: str) -> list[nn.Module | nn.Parameter]:
+        c = self.clip
+        return {
+            "sketch": [self.sketch],
+            "image": [c.visual],
+            "text": [c.token_embedding, c.positional_embedding, c.transformer, c.ln_final,
+                     c.text_projection],
+        }[branch]
+
+    def branch_parameters(self, branch: str) -> list[nn.Parameter]:
+        out = []
+        for m in self.branch_modules(branch):
+            out.extend([m] if isinstance(m, nn.Parameter) else m.parameters())
+        return out
+
+    def configure_stage(self, target: str) -> None:
+        """Make only ``target``'s branch trainable (all three for "all"); the ArcFace head always
+        trains. Frozen branches also stay in eval mode, so their BatchNorm statistics are kept."""
+        if target not in STAGE_TARGETS:
+            raise ModelError(f"stage target {target!r} is not one of {', '.join(STAGE_TARGETS)}")
+        self.stage = target
+        for branch in BRANCHES:
+            on = target in (branch, "all")
+            for p in self.branch_parameters(branch):
+                p.requires_grad_(on)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for branch in BRANCHES:
+            if self.stage not in (branch, "all"):
+                for m in self.branch_modules(branch):
+                    if isinstance(m, nn.Module):
+                        m.eval()
+        return self
+
+    # -- encoders ------------------------------------------------------------------------------
+    def encode_sketch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.sketch(x), dim=-1)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(x), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        emb = self.clip.token_embedding(tokens)
+        return self.encode_text_embeddings(emb, eot_position(tokens))
+
+    def encode_text_embeddings(self, emb: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Text tower from looked-up token embeddings [B, L, D] and end-of-text positions [B].
+
+        This is what the exported text graph computes: the vocabulary lookup stays outside, and
+        pooling at the end-of-text token is a one-hot weighted sum (no Gather on the table).
+        """
+        c = self.clip
+        cast = c.transformer.get_cast_dtype()
+        x = emb.to(cast) + c.positional_embedding.to(cast)
+        x = c.transformer(x, attn_mask=c.attn_mask)
+        x = c.ln_final(x)
+        pick = (torch.arange(x.shape[1], device=x.device)[None, :] == eot[:, None]).to(x.dtype)
+        x = (x * pick[..., None]).sum(1)
+        x = c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
+        return F.normalize(x, dim=-1)
+
+    def fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+        return fuse(sketch, text, self.fusion_weight)
+
+    # -- what export and the data pipeline need ---------------------------------------------------
+    def input_specs(self) -> dict[str, dict]:
+        """Preprocessing of each pixel input; the one source for training, export and runtime."""
+        import open_clip
+
+        cfg = open_clip.get_model_preprocess_cfg(self.clip)
+        size = cfg["size"]
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        image = dict(size=int(size), channels=3, mean=[float(v) for v in cfg["mean"]],
+                     std=[float(v) for v in cfg["std"]],
+                     interpolation=cfg.get("interpolation", "bicubic"),
+                     resize_mode=cfg.get("resize_mode", "shortest"))
+        sketch = dict(size=int(self.spec.sketch_size), channels=1, mean=[0.5], std=[0.5],
+                      interpolation="bicubic", resize_mode="shortest")
+        return {"image": image, "sketch": sketch}
+
+    def tokenizer(self):
+        return _open_clip().get_tokenizer(self.spec.clip_model)
+
+
+def eot_position(tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's "argmax" pooling: the end-of-text token has the highest id in each row."""
+    return tokens.argmax(dim=-1)
+
+
+def _load_clip_weights(clip: nn.Module, name: str, pretrained: str) -> None:
+    """``pretrained`` is a local file, or an open_clip tag that must already be in the cache."""
+    path = Path(pretrained).expanduser()
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+        if not path.is_file():
+            raise ModelError(f"pretrained: weights file {pretrained} does not exist")
+        import open_clip
+
+        try:
+            open_clip.load_checkpoint(clip, str(path))
+        except Exception as exc:
+            raise ModelError(f"pretrained: could not load {pretrained} into {name} ({exc})") from None
+        return
+    open_clip = _open_clip()
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise ModelError(f"pretrained: {pretrained!r} is not an open_clip tag for {name} "
+                         f"(known: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
+    # No network on the devices this runs on: look only in the local cache, never download.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        file = open_clip.download_pretrained(cfg)
+        open_clip.load_checkpoint(clip, file)
+    except Exception as exc:
+        raise ModelError(f"pretrained: weights {name}/{pretrained} are not available offline; "
+                         f"pass a local weights file instead ({type(exc).__name__})") from None
+
+
+def build_model(spec: ModelSpec | dict) -> STBIRModel:
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    return STBIRModel(spec)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,261 @@
+"""The built-in dataset: synthetic photos, hand-drawn-looking sketches and captions.
+
+It is built to teach the product's point. A photo shows one object with a *shape*, a *pose*
+(rotation, size) and a *position* -- what a sketch conveys -- and a *colour* and a *texture* --
+what words convey. Every shape comes in every colour and texture, so in a test gallery of a few
+hundred photos neither half of a query identifies the photo alone: the sketch narrows it to the
+photos of that shape and pose, the caption to that colour and texture, and only both find it.
+
+Written in the seed's layout (per category ``trainA/ trainB/ testA/ testB/`` plus ``train.txt`` /
+``test.txt`` of ``image_name<TAB>caption`` lines), with a ``config.yaml`` that trains on it.
+Deterministic for a seed: every item draws from its own generator seeded by (seed, split, index).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+PHOTO_SIZE = 96
+
+# category -> shape name -> outline in unit coordinates (radius about 1, centred on 0).
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+    a = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _star(n: int, inner: float = 0.45) -> np.ndarray:
+    a = np.arange(2 * n) * np.pi / n
+    r = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
+    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+
+def _curve(fn, n: int = 48) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = np.stack(fn(t), 1)
+    return pts / np.abs(pts).max()
+
+
+SHAPES: dict[str, dict[str, np.ndarray]] = {
+    "polygon": {
+        "triangle": _regular(3, -np.pi / 2),
+        "square": _regular(4, np.pi / 4),
+        "pentagon": _regular(5, -np.pi / 2),
+        "hexagon": _regular(6),
+    },
+    "star": {
+        "star4": _star(4, 0.4),
+        "star5": _star(5),
+        "star6": _star(6, 0.55),
+        "star8": _star(8, 0.65),
+    },
+    "symbol": {
+        "arrow": np.array([[-1, -.3], [.2, -.3], [.2, -.75], [1, 0], [.2, .75], [.2, .3], [-1, .3]]),
+        "plus": np.array([[-.3, -1], [.3, -1], [.3, -.3], [1, -.3], [1, .3], [.3, .3], [.3, 1],
+                          [-.3, 1], [-.3, .3], [-1, .3], [-1, -.3], [-.3, -.3]]),
+        "ell": np.array([[-.8, -1], [-.2, -1], [-.2, .4], [.8, .4], [.8, 1], [-.8, 1]]),
+        "tee": np.array([[-1, -1], [1, -1], [1, -.4], [.3, -.4], [.3, 1], [-.3, 1], [-.3, -.4],
+                         [-1, -.4]]),
+    },
+    "curve": {
+        "ellipse": _curve(lambda t: (np.cos(t), 0.55 * np.sin(t))),
+        "heart": _curve(lambda t: (16 * np.sin(t) ** 3,
+                                   -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)))),
+        "drop": _curve(lambda t: (np.sin(t) * (1 - np.cos(t)) * 0.8, -np.cos(t) * 1.0)),
+        "crescent": np.concatenate([
+            np.stack([np.cos(a := np.linspace(-2.4, 2.4, 24)), np.sin(a)], 1),
+            np.stack([0.45 + 0.75 * np.cos(b := np.linspace(1.9, -1.9, 24)), 0.9 * np.sin(b)], 1)]),
+    },
+}
+
+# colour -> (base RGB, words a person might type for it)
+COLOURS: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {
+    "red": ((205, 30, 35), ("red", "crimson", "scarlet")),
+    "orange": ((240, 130, 20), ("orange", "tangerine")),
+    "yellow": ((240, 210, 30), ("yellow", "lemon", "golden")),
+    "green": ((40, 160, 60), ("green", "emerald", "grass-green")),
+    "blue": ((35, 75, 205), ("blue", "cobalt", "royal blue")),
+    "purple": ((130, 50, 170), ("purple", "violet")),
+    "pink": ((240, 120, 180), ("pink", "rose", "rosy")),
+    "brown": ((120, 75, 35), ("brown", "chocolate", "coffee")),
+}
+
+# texture -> (adjectives, "with ..." phrases)
+TEXTURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "plain": (("plain", "solid", "matte", "smooth"), ("a plain finish", "no pattern", "a flat colour")),
+    "striped": (("striped", "stripy", "banded"), ("stripes", "a striped pattern", "bands")),
+    "dotted": (("dotted", "polka-dot", "spotted"), ("dots", "polka dots", "spots")),
+    "checkered": (("checkered", "chequered", "checked"), ("a checker pattern", "checks", "squares")),
+}
+
+CATEGORY_NOUNS = {
+    "polygon": ("polygon", "shape", "tile", "block"),
+    "star": ("star", "star shape", "badge"),
+    "symbol": ("symbol", "sign", "glyph", "marker"),
+    "curve": ("curved shape", "blob", "rounded shape", "form"),
+}
+
+TEMPLATES = (
+    "a {colour} {tex} {noun}",
+    "{tex} {colour} {noun}",
+    "{colour} {noun} with {texphrase}",
+    "the {noun} is {colour} and {tex}",
+    "{colour}, {tex}",
+    "a {noun} in {colour} with {texphrase}",
+    "{colour} {tex} one",
+    "something {colour} covered in {texphrase}",
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    category: str
+    shape: str
+    colour: str
+    texture: str
+    angle: float
+    scale: float
+    centre: tuple[float, float]
+
+
+def sample_item(rng: np.random.Generator, name: str) -> Item:
+    category = str(rng.choice(list(SHAPES)))
+    return Item(
+        name=name,
+        category=category,
+        shape=str(rng.choice(list(SHAPES[category]))),
+        colour=str(rng.choice(list(COLOURS))),
+        texture=str(rng.choice(list(TEXTURES))),
+        angle=float(rng.uniform(0, 2 * np.pi)),
+        scale=float(rng.uniform(0.2, 0.36)),
+        centre=(float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.3, 0.7))),
+    )
+
+
+def outline(item: Item, size: int = PHOTO_SIZE) -> np.ndarray:
+    """The shape's outline in pixel coordinates: the pose and position a sketch must convey."""
+    pts = SHAPES[item.category][item.shape]
+    c, s = math.cos(item.angle), math.sin(item.angle)
+    rot = pts @ np.array([[c, s], [-s, c]])
+    return rot * item.scale * size + np.array(item.centre) * size
+
+
+def render_photo(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) -> Image.Image:
+    base = np.array(COLOURS[item.colour][0], np.float32) * rng.uniform(0.85, 1.1, 3)
+    # Background: a soft two-tone gradient, light enough that every colour stands out.
+    tint = rng.uniform(190, 245, 3)
+    ramp = np.linspace(0, 1, size)[:, None, None] * rng.uniform(-25, 25, 3)
+    bg = np.clip(tint + ramp + rng.normal(0, 4, (size, size, 3)), 0, 255)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    if item.texture == "striped":
+        a = rng.uniform(0, np.pi)
+        period = rng.uniform(6, 10)
+        pattern = (np.sin((xx * np.cos(a) + yy * np.sin(a)) * 2 * np.pi / period) > 0)
+    elif item.texture == "dotted":
+        period = rng.uniform(7, 10)
+        pattern = ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < (period / 3.5) ** 2
+    elif item.texture == "checkered":
+        period = rng.uniform(6, 10)
+        pattern = ((xx // period + yy // period) % 2) == 0
+    else:
+        pattern = np.zeros((size, size), bool)
+    accent = np.where(base.mean() > 128, base * 0.45, np.minimum(base * 0.4 + 150, 255))
+    fill = np.where(pattern[..., None], accent, base)
+    shade = 1 - 0.15 * (xx + yy)[..., None] / (2 * size)  # a little light from the top-left
+    fill = np.clip(fill * shade + rng.normal(0, 3, fill.shape), 0, 255)
+
+    mask_img = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask_img).polygon([tuple(p) for p in outline(item, size)], fill=255)
+    mask = np.asarray(mask_img.filter(ImageFilter.GaussianBlur(0.6)), np.float32)[..., None] / 255
+    # A soft drop shadow gives the object some depth.
+    shadow = np.roll(mask, (2, 2), (0, 1)) * 0.25
+    out = bg * (1 - shadow) * (1 - mask) + fill * mask
+    return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
+def render_sketch(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) -> Image.Image:
+    """A drawn outline: wobbly, uneven strokes in a few pieces, the odd gap and overshoot."""
+    pts = outline(item, size)
+    closed = np.concatenate([pts, pts[:1]])
+    # Resample the outline densely, then wobble it with smooth low-frequency noise.
+    seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    t = np.concatenate([[0], np.cumsum(seg)])
+    dense_t = np.linspace(0, t[-1], max(int(t[-1] / 1.5), 8))
+    dense = np.stack([np.interp(dense_t, t, closed[:, i]) for i in range(2)], 1)
+    n = len(dense)
+    k = np.arange(n) / n * 2 * np.pi
+    wobble = sum(rng.normal(0, 1.2 / f, (1, 2)) * np.sin(f * k[:, None] + rng.uniform(0, 6.3, (1, 2)))
+                 for f in (2, 3, 5, 9))
+    dense = dense + wobble + rng.normal(0, 0.35, dense.shape)
+
+    img = Image.new("L", (size, size), 255)
+    draw = ImageDraw.Draw(img)
+    start = int(rng.integers(0, n))
+    order = np.roll(np.arange(n), -start)
+    overshoot = int(rng.integers(0, max(n // 12, 2)))
+    order = np.concatenate([order, order[:overshoot]])
+    pieces = np.array_split(order, int(rng.integers(1, 4)))
+    for piece in pieces:
+        if rng.random() < 0.08 and len(pieces) > 1:
+            continue  # a stroke the drawer never finished
+        width = int(rng.integers(1, 4))
+        ink = int(rng.integers(0, 70))
+        draw.line([tuple(dense[i]) for i in piece], fill=ink, width=width, joint="curve")
+    return img
+
+
+def caption(item: Item, rng: np.random.Generator) -> str:
+    words = dict(
+        colour=str(rng.choice(COLOURS[item.colour][1])),
+        tex=str(rng.choice(TEXTURES[item.texture][0])),
+        texphrase=str(rng.choice(TEXTURES[item.texture][1])),
+        noun=str(rng.choice(CATEGORY_NOUNS[item.category])),
+    )
+    return str(rng.choice(TEMPLATES)).format(**words)
+
+
+def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_category: int = 100,
+                  sketches_per_photo: int = 2, seed: int = 0) -> Path:
+    """Write the dataset and its ``config.yaml``; returns the config's path.
+
+    ``per_category`` and ``test_per_category`` are the number of photos in each category's
+    training and test folders; every photo gets ``sketches_per_photo`` sketches in training and
+    one in test.
+    """
+    out = Path(out_dir)
+    counters = {c: {"train": 0, "test": 0} for c in SHAPES}
+    lines: dict[tuple[str, str], list[str]] = {(c, s): [] for c in SHAPES for s in ("train", "test")}
+    for split, per_cat, n_sketch, split_id in (("train", per_category, sketches_per_photo, 0),
+                                               ("test", test_per_category, 1, 1)):
+        for cat in SHAPES:
+            (out / cat / f"{split}A").mkdir(parents=True, exist_ok=True)
+            (out / cat / f"{split}B").mkdir(parents=True, exist_ok=True)
+        for cat_id, cat in enumerate(SHAPES):
+            for i in range(per_cat):
+                rng = np.random.default_rng([seed, split_id, cat_id, i])
+                item = sample_item(rng, f"{cat}_{split}_{i:05d}")
+                # The category is fixed per folder; the rest of the item is sampled.
+                item = Item(item.name, cat, str(rng.choice(list(SHAPES[cat]))), item.colour,
+                            item.texture, item.angle, item.scale, item.centre)
+                render_photo(item, rng).save(out / cat / f"{split}B" / f"{item.name}.png")
+                for k in range(n_sketch):
+                    render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png")
+                lines[cat, split].append(f"{item.name}.png\t{caption(item, rng)}")
+                counters[cat][split] += 1
+    for (cat, split), rows in lines.items():
+        (out / cat / f"{split}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config_path = out / "config.yaml"
+    config_path.write_text(default_config_text(), encoding="utf-8")
+    return config_path
+
+
+def default_config_text() -> str:
+    """The config written next to the dataset: the small preset, paths relative to it."""
+    from stbir_train.config import dataset_config_yaml
+    return dataset_config_yaml(list(SHAPES))
