@@ -13,6 +13,8 @@ Deterministic for a seed: every item draws from its own generator seeded by (see
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +196,10 @@ def render_sketch(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) 
                  for f in (2, 3, 5, 9))
     dense = dense + wobble + rng.normal(0, 0.35, dense.shape)
 
-    img = Image.new("L", (size, size), 255)
+    # Drawn at twice the size and scaled down, so strokes get soft, uneven edges.
+    img = Image.new("L", (2 * size, 2 * size), 255)
     draw = ImageDraw.Draw(img)
+    dense = dense * 2
     start = int(rng.integers(0, n))
     order = np.roll(np.arange(n), -start)
     overshoot = int(rng.integers(0, max(n // 12, 2)))
@@ -204,10 +208,10 @@ def render_sketch(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) 
     for piece in pieces:
         if rng.random() < 0.08 and len(pieces) > 1:
             continue  # a stroke the drawer never finished
-        width = int(rng.integers(1, 4))
+        width = int(rng.integers(2, 7))
         ink = int(rng.integers(0, 70))
         draw.line([tuple(dense[i]) for i in piece], fill=ink, width=width, joint="curve")
-    return img
+    return img.resize((size, size), Image.Resampling.BOX)
 
 
 def caption(item: Item, rng: np.random.Generator) -> str:
@@ -229,7 +233,7 @@ def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_categor
     one in test.
     """
     out = Path(out_dir)
-    counters = {c: {"train": 0, "test": 0} for c in SHAPES}
+    truth = []  # what each photo shows, for analysis and tests (not read by training)
     lines: dict[tuple[str, str], list[str]] = {(c, s): [] for c in SHAPES for s in ("train", "test")}
     for split, per_cat, n_sketch, split_id in (("train", per_category, sketches_per_photo, 0),
                                                ("test", test_per_category, 1, 1)):
@@ -247,9 +251,10 @@ def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_categor
                 for k in range(n_sketch):
                     render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png")
                 lines[cat, split].append(f"{item.name}.png\t{caption(item, rng)}")
-                counters[cat][split] += 1
+                truth.append(json.dumps({"split": split, **dataclasses.asdict(item)}))
     for (cat, split), rows in lines.items():
         (out / cat / f"{split}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (out / "synth_items.jsonl").write_text("\n".join(truth) + "\n", encoding="utf-8")
     config_path = out / "config.yaml"
     config_path.write_text(default_config_text(), encoding="utf-8")
     return config_path

@@ -17,3 +17,46 @@ def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "small.pt"
     save_checkpoint(path, model, config={}, metrics={})
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """The built-in dataset at a test size: 4 categories x 12 training / 6 test photos."""
+    from stbir_train.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, per_category=12, test_per_category=6, sketches_per_photo=2, seed=3)
+    return root
+
+
+def make_config(dataset_root, tmp_path, **overrides):
+    """A fast training config on ``dataset_root`` writing under ``tmp_path``; ``overrides`` are
+    dotted keys, e.g. ``{"training.batch_size": 4}``. Returns the config file's path."""
+    import yaml
+
+    data = yaml.safe_load((dataset_root / "config.yaml").read_text())
+    data["output_dir"] = str(tmp_path / "out")
+    data["data"]["root"] = str(dataset_root)
+    data["training"].update(batch_size=8, num_workers=0)
+    data["training"]["stages"] = [{"target": "all", "epochs": 1, "lr": 1e-4, "weight_decay": 0.01}]
+    data["data"]["val_fraction"] = 0.15
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_export(small_checkpoint, tmp_path_factory):
+    """``small_checkpoint`` exported by stbir_export (fp32 graphs, verified against torch)."""
+    from stbir_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("export") / "export"
+    export_checkpoint(small_checkpoint, out, log=lambda *a, **k: None)
+    return out

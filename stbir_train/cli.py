@@ -1,0 +1,118 @@
+"""`stbir-train`: train (the default verb), plus `synth`, `manifest` and `evaluate`.
+
+Library code raises specific exceptions; only this edge turns them into one line on stderr and an
+exit status (2: bad input or usage, 1: training could not go on).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+
+def _fail(msg: str, code: int):
+    click.echo(f"stbir-train: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def cli_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from models import CheckpointError, ModelError
+        from stbir_train.config import ConfigError
+        from stbir_train.manifest import DataError
+        from stbir_train.train import TrainingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, ModelError, CheckpointError) as exc:
+            _fail(str(exc), 2)
+        except TrainingError as exc:
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; checkpoints written so far are intact (resume with --resume last.pt)", 130)
+    return wrapper
+
+
+@click.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config to train with.")
+@click.option("--stage", type=click.Choice(["sketch", "image", "text", "all"]), help="Run only this stage.")
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this checkpoint (e.g. last.pt).")
+@click.pass_context
+@cli_errors
+def main(ctx, config_path, stage, resume):
+    """Train the tri-modal model: stbir-train --config CONFIG [--stage S] [--resume CKPT]."""
+    if ctx.invoked_subcommand is not None:
+        if config_path or stage or resume:
+            raise click.UsageError("--config/--stage/--resume go after the subcommand")
+        return
+    if not config_path:
+        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, evaluate)")
+    from stbir_train.config import load_config
+    from stbir_train.train import train
+
+    cfg = load_config(config_path)
+    summary = train(cfg, only_stage=stage, resume=resume, log=click.echo)
+    click.echo(f"best validation sketch+text R@1 {summary['best']:.3f}; checkpoints: "
+               f"{summary['best_path']}, {summary['last_path']}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--per-category", default=500, show_default=True, help="Training photos per category.")
+@click.option("--test-per-category", default=100, show_default=True, help="Test photos per category.")
+@click.option("--sketches-per-photo", default=2, show_default=True, help="Training sketches per photo.")
+@click.option("--seed", default=0, show_default=True)
+@cli_errors
+def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
+    """Write the built-in sketch+text dataset and a config that trains on it."""
+    import time
+
+    from stbir_train.synth import SHAPES, write_dataset
+
+    if per_category < 1 or test_per_category < 1 or sketches_per_photo < 1:
+        raise click.UsageError("sizes must be >= 1")
+    t0 = time.time()
+    config = write_dataset(out_dir, per_category, test_per_category, sketches_per_photo, seed)
+    n = len(SHAPES)
+    click.echo(f"wrote {n * per_category} training and {n * test_per_category} test photos "
+               f"({n} categories) in {time.time() - t0:.1f}s; config: {config}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--seed", type=int, default=None, help="Overrides data.manifest_seed.")
+@cli_errors
+def manifest(config_path, seed):
+    """Build train/val/test JSONL manifests with hard negatives."""
+    from stbir_train.config import load_config
+    from stbir_train.manifest import build_manifests, read_manifest
+
+    cfg = load_config(config_path)
+    for split, path in build_manifests(cfg, seed).items():
+        click.echo(f"{split}: {len(read_manifest(path))} rows -> {path}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
+@click.option("--compare", type=click.Path(dir_okay=False),
+              help="A second checkpoint (e.g. trained with stages: [all]) ranked on the same test set.")
+@click.option("--out", type=click.Path(dir_okay=False), help="results.json path (default: OUTPUT_DIR/results.json).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@cli_errors
+def evaluate(config_path, checkpoint, compare, out, split):
+    """Rank the test gallery for sketch, text and sketch+text queries; print and save metrics."""
+    from stbir_train.config import load_config
+    from stbir_train.evaluate import run_evaluation
+
+    cfg = load_config(config_path)
+    results = run_evaluation(cfg, checkpoint, split, compare=compare, out=out, echo=click.echo)
+    click.echo(f"results: {results}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""YAML config -> validated, typed settings.
+
+The schema is the dataclasses below: an unknown key or a value of the wrong type is a
+``ConfigError`` that names the key (dotted) and the file. Relative paths resolve against the
+config file's folder, so a dataset and its config move together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from models.model import PRESETS, STAGE_TARGETS, ModelSpec
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class NoiseSpec:
+    """Corruption of one modality: probability and strength ramp linearly from start to max
+    over ``ramp_epochs`` epochs of a stage, then hold."""
+
+    start_prob: float = 0.0
+    max_prob: float = 0.5
+    start_strength: float = 0.1
+    max_strength: float = 0.6
+    ramp_epochs: int = 10
+
+
+@dataclass
+class StageNoise:
+    """Per-stage override of the curriculum: switch it off, or replace some of its numbers."""
+
+    enabled: bool = True
+    photo: dict[str, float] = field(default_factory=dict)
+    sketch: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CurriculumSpec:
+    enabled: bool = True
+    photo: NoiseSpec = field(default_factory=NoiseSpec)
+    sketch: NoiseSpec = field(default_factory=NoiseSpec)
+    stages: dict[str, StageNoise] = field(default_factory=dict)
+
+
+@dataclass
+class CategorySpec:
+    """Where one category's files are, relative to ``data.root``; empty = the seed's layout
+    under a folder named after the category."""
+
+    train_sketches: str = ""
+    train_images: str = ""
+    test_sketches: str = ""
+    test_images: str = ""
+    train_text: str = ""
+    test_text: str = ""
+
+
+@dataclass
+class DataSpec:
+    root: str = "."
+    categories: dict[str, CategorySpec] = field(default_factory=dict)
+    val_fraction: float = 0.1
+    negatives_per_modality: int = 2
+    virtual_classes: int = 16
+    manifest_seed: int = 0
+    curriculum_noise: CurriculumSpec = field(default_factory=CurriculumSpec)
+
+
+@dataclass
+class StageSpec:
+    target: str = "all"
+    epochs: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+
+
+@dataclass
+class TrainingSpec:
+    batch_size: int = 64
+    num_workers: int = 1
+    grad_clip: float = 1.0
+    amp: bool = True  # used only on CUDA
+    device: str = "auto"
+    seed: int = 0
+    stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(t, 4, 5e-4) for t in
+                                                            ("sketch", "image", "text")])
+
+
+@dataclass
+class LossWeights:
+    infonce: float = 1.0
+    triplet: float = 0.5
+    fusion: float = 0.1
+    arcface: float = 0.1
+
+
+@dataclass
+class LossSpec:
+    temperature: float = 0.07
+    triplet_margin: float = 0.2
+    arcface_labels: str = "category"  # or "virtual_class"
+    weights: LossWeights = field(default_factory=LossWeights)
+
+
+@dataclass
+class ModelSection:
+    preset: str = "small"
+    clip_model: str | None = None
+    pretrained: str | None = None
+    sketch_backbone: str | None = None
+    sketch_pretrained: str | None = None
+    sketch_size: int | None = None
+    fusion_weight: float = 0.5
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.3
+
+    def spec(self, arcface_classes: int = 0) -> ModelSpec:
+        """The preset's fields, overridden by whatever the config sets explicitly."""
+        values = dict(PRESETS[self.preset])
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "preset" and v is not None:
+                values[f.name] = v
+        return ModelSpec.from_dict({**values, "arcface_classes": arcface_classes})
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/stbir"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSpec = field(default_factory=DataSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    source: str = ""  # the file this came from (set by load_config, not read from YAML)
+
+    # -- resolved locations ---------------------------------------------------------------------
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).parent if self.source else Path.cwd()
+
+    def resolve(self, p: str | Path) -> Path:
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.out / "manifests"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def _build(tp, value, key: str, where: str):
+    """Turn a YAML value into ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _build(inner[0], value, key, where)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.name != "source"}
+        for k in value:
+            if k not in names:
+                raise ConfigError(f"{where}: unknown key {key + '.' if key else ''}{k} "
+                                  f"(known: {', '.join(sorted(names))})")
+        kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k, where) for k, v in value.items()}
+        return tp(**kwargs)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key} must be a list")
+        return [_build(args[0], v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping")
+        return {str(k): _build(args[1], v, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_values(cfg: Config, where: str) -> None:
+    def bad(key, msg):
+        raise ConfigError(f"{where}: {key} {msg}")
+
+    if cfg.model.preset not in PRESETS:
+        bad("model.preset", f"must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
+    if not 0.0 <= cfg.model.fusion_weight <= 1.0:
+        bad("model.fusion_weight", "must be in [0, 1]")
+    if not cfg.training.stages:
+        bad("training.stages", "must list at least one stage")
+    for i, st in enumerate(cfg.training.stages):
+        if st.target not in STAGE_TARGETS:
+            bad(f"training.stages[{i}].target", f"must be one of {', '.join(STAGE_TARGETS)}, got {st.target!r}")
+        if st.epochs < 0:
+            bad(f"training.stages[{i}].epochs", "must be >= 0")
+        if st.lr <= 0:
+            bad(f"training.stages[{i}].lr", "must be > 0")
+    if cfg.training.batch_size < 2:
+        bad("training.batch_size", "must be >= 2 (contrastive losses need in-batch negatives)")
+    if cfg.training.device not in ("auto", "cpu", "cuda"):
+        bad("training.device", "must be auto, cpu or cuda")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        bad("data.val_fraction", "must be in [0, 1)")
+    if cfg.data.negatives_per_modality < 0:
+        bad("data.negatives_per_modality", "must be >= 0")
+    if cfg.loss.temperature <= 0:
+        bad("loss.temperature", "must be > 0")
+    if cfg.loss.arcface_labels not in ("category", "virtual_class"):
+        bad("loss.arcface_labels", "must be category or virtual_class")
+    for name, ov in cfg.data.curriculum_noise.stages.items():
+        if name not in STAGE_TARGETS:
+            bad(f"data.curriculum_noise.stages.{name}", f"is not a stage target ({', '.join(STAGE_TARGETS)})")
+        for mod in ("photo", "sketch"):
+            for k in getattr(ov, mod):
+                if k not in {f.name for f in dataclasses.fields(NoiseSpec)}:
+                    bad(f"data.curriculum_noise.stages.{name}.{mod}.{k}", "is not a noise setting")
+    for name, spec in (("photo", cfg.data.curriculum_noise.photo), ("sketch", cfg.data.curriculum_noise.sketch)):
+        for k in ("start_prob", "max_prob", "start_strength", "max_strength"):
+            if not 0.0 <= getattr(spec, k) <= 1.0:
+                bad(f"data.curriculum_noise.{name}.{k}", "must be in [0, 1]")
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    cfg = _build(Config, data, "", source)
+    cfg.source = source if source != "<dict>" else ""
+    _check_values(cfg, source)
+    for name, cat in cfg.data.categories.items():
+        defaults = dict(train_sketches=f"{name}/trainA", train_images=f"{name}/trainB",
+                        test_sketches=f"{name}/testA", test_images=f"{name}/testB",
+                        train_text=f"{name}/train.txt", test_text=f"{name}/test.txt")
+        for k, v in defaults.items():
+            if not getattr(cat, k):
+                setattr(cat, k, v)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return config_from_dict(data, str(path.resolve()))
+
+
+def dataset_config_yaml(categories: list[str]) -> str:
+    """The config that `stbir-train synth` writes next to the built-in dataset.
+
+    The demo's schedule: what measured best on two CPU cores within the time budget (see
+    README). Swap ``stages`` for the seed's sketch -> image -> text list to compare.
+    """
+    cats = "\n".join(f"    {c}: {{}}" for c in categories)
+    return f"""\
+# Written by `stbir-train synth`. Paths are relative to this file.
+output_dir: runs
+model:
+  preset: small          # stbir-small open_clip towers (ModifiedResNet image tower) + resnet18 sketches
+  fusion_weight: 0.5
+data:
+  root: .
+  categories:
+{cats}
+  val_fraction: 0.05
+  negatives_per_modality: 1
+  virtual_classes: 16
+  manifest_seed: 0
+  curriculum_noise:
+    enabled: true
+    photo:  {{start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 6}}
+    sketch: {{start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 6}}
+training:
+  batch_size: 64
+  num_workers: 1
+  grad_clip: 1.0
+  seed: 0
+  stages:
+    - {{target: all, epochs: 6, lr: 0.0005, weight_decay: 0.05}}
+loss:
+  temperature: 0.07
+  triplet_margin: 0.2
+  arcface_labels: category
+  weights: {{infonce: 1.0, triplet: 0.5, fusion: 0.1, arcface: 0.1}}
+"""

@@ -1,0 +1,103 @@
+"""Manifest rows -> tensors: the positive sketch/photo/caption and a fixed number of negatives.
+
+Like the seed's ``SBIRDataset``, every item brings ``negatives_per_modality`` negative sketches,
+photos and captions from the manifest, so every batch holds hard negatives. Decoded images are
+kept in memory (the built-in dataset is small; decoding is the slow part on two cores), and every
+random choice draws from a generator seeded by (seed, stage, epoch, index), so a resumed run sees
+exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from stbir_infer.preprocess import ImageDecodeError, open_image, preprocess
+from stbir_train.manifest import DataError
+from stbir_train.noise import NoiseSchedule, corrupt_photo, corrupt_sketch
+
+
+class ImageCache:
+    """Decoded images by path, filled once; a file that does not decode is an error naming it."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._images: dict[tuple[str, int], Image.Image] = {}
+
+    def get(self, rel: str, channels: int) -> Image.Image:
+        key = (rel, channels)
+        img = self._images.get(key)
+        if img is None:
+            try:
+                img = open_image(self.root / rel, channels)
+            except ImageDecodeError as exc:
+                raise DataError(str(exc)) from None
+            self._images[key] = img
+        return img
+
+
+class SBIRDataset(Dataset):
+    def __init__(self, rows: list[dict], root: Path, specs: dict[str, dict], tokenize,
+                 labels: list[int], negatives: int, noise: NoiseSchedule | None = None,
+                 train: bool = True, seed: int = 0, cache: ImageCache | None = None):
+        self.rows = rows
+        self.specs = specs
+        self.labels = labels
+        self.negatives = negatives
+        self.noise = noise
+        self.train = train
+        self.seed = seed
+        self.cache = cache or ImageCache(root)
+        self.tokens = tokenize([r["text"] for r in rows])
+        self.neg_tokens = (tokenize([t for r in rows for t in r["negative_texts"]])
+                           if negatives else None)
+        self._neg_offsets = np.cumsum([0] + [len(r["negative_texts"]) for r in rows])
+        self.stage_index, self.target, self.epoch = 0, "all", 0
+        if negatives and any(len(r["negative_images"]) < negatives for r in rows):
+            raise DataError("manifest has fewer negatives per row than data.negatives_per_modality; "
+                            "rebuild it with `stbir-train manifest`")
+
+    def set_epoch(self, stage_index: int, target: str, epoch: int) -> None:
+        self.stage_index, self.target, self.epoch = stage_index, target, epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _photo(self, rel: str, rng, noisy: bool) -> torch.Tensor:
+        img = self.cache.get(rel, 3)
+        if noisy and self.noise is not None:
+            prob, strength = self.noise.params(self.target, self.epoch, "photo")
+            if rng.random() < prob:
+                img = corrupt_photo(img, strength, rng)
+        return torch.from_numpy(preprocess(img, self.specs["image"]))
+
+    def _sketch(self, rel: str, rng, noisy: bool) -> torch.Tensor:
+        img = self.cache.get(rel, 1)
+        if noisy and self.noise is not None:
+            prob, strength = self.noise.params(self.target, self.epoch, "sketch")
+            if rng.random() < prob:
+                img = corrupt_sketch(img, strength, rng)
+        return torch.from_numpy(preprocess(img, self.specs["sketch"]))
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        rng = np.random.default_rng([self.seed, self.stage_index, self.epoch, i])
+        noisy = self.train
+        sketches = row["positive_sketches"]
+        sketch = sketches[int(rng.integers(len(sketches)))] if self.train else sketches[0]
+        item = {
+            "sketch": self._sketch(sketch, rng, noisy),
+            "image": self._photo(row["image"], rng, noisy),
+            "tokens": self.tokens[i],
+            "label": torch.tensor(self.labels[i]),
+        }
+        if self.negatives:
+            picks = rng.permutation(len(row["negative_images"]))[: self.negatives]
+            item["neg_images"] = torch.stack([self._photo(row["negative_images"][j], rng, noisy) for j in picks])
+            item["neg_sketches"] = torch.stack([self._sketch(row["negative_sketches"][j], rng, noisy) for j in picks])
+            item["neg_tokens"] = self.neg_tokens[self._neg_offsets[i] + torch.from_numpy(picks)]
+        return item
