@@ -1,0 +1,7 @@
+"""Checkpoint -> export dir: three simplified, verified ONNX graphs plus the assets a torch-free
+runtime needs (token table, tokenizer files, export.json). See DESIGN.md, "Export dir"."""
+
+from stbir_export.errors import ExportError
+from stbir_export.exporter import export_checkpoint, fingerprint
+
+__all__ = ["ExportError", "export_checkpoint", "fingerprint"]

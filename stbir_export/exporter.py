@@ -1,0 +1,209 @@
+"""checkpoint -> export dir (see DESIGN.md, "Export dir").
+
+The dir is built in a temporary folder beside OUT_DIR and renamed into place only after every
+graph is written, checked and verified, so a failed export never leaves a half-written dir, and
+``force`` replaces an old export only once the new one is complete.
+
+``fingerprint`` in export.json is the sha256 of the canonical JSON (sorted keys, no spaces) of the
+``files`` dict; indexes record it to refuse vectors made by a different export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from models import CheckpointError, file_sha256, load_model
+from models.model import ModelError
+from stbir_export import graphs, verify as verification
+from stbir_export.errors import ExportError
+from stbir_export.tokenizer import write_tokenizer
+
+FORMAT = "stbir-export"
+FORMAT_VERSION = 1
+MANIFEST = "export.json"
+TOKEN_EMBEDDING = "token_embedding.npy"
+QUANTIZE = ("int8",)
+
+
+def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | None = None,
+                      verify: bool = True, force: bool = False, batch: int = 4,
+                      log: Callable[[str], object] = print) -> dict:
+    """Export ``checkpoint`` into ``out_dir``; returns the export.json dict.
+
+    Raises ExportError for a bad checkpoint, a non-empty ``out_dir`` without ``force``, an
+    unwritable ``out_dir``, or a graph that fails verification.
+    """
+    checkpoint, out = Path(checkpoint), Path(out_dir).expanduser().absolute()
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportError(f"quantize must be one of {', '.join(QUANTIZE)} (got {quantize!r})")
+    if not graphs.MIN_OPSET <= int(opset) <= graphs.MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported "
+                          f"(choose {graphs.MIN_OPSET}..{graphs.MAX_OPSET})")
+    if int(batch) < 1:
+        raise ExportError(f"the verification batch must be at least 1 (got {batch})")
+    _check_out_dir(out, force, checkpoint)
+    tmp = _temp_dir(out)
+    try:
+        log(f"loading {checkpoint}")
+        model = _load(checkpoint)
+        manifest = _build(model, tmp, checkpoint=checkpoint, opset=int(opset), quantize=quantize,
+                          verify=verify, batch=int(batch), log=log)
+        _install(tmp, out, force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported to {out} (fingerprint {manifest['fingerprint'][:16]})")
+    return manifest
+
+
+def _check_out_dir(out: Path, force: bool, checkpoint: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ExportError(f"{out} is not empty; pass --force to replace it")
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise ExportError(f"refusing to replace {out}: it holds the current directory")
+    if target in checkpoint.expanduser().absolute().resolve().parents:
+        raise ExportError(f"refusing to replace {out}: it holds the checkpoint")
+
+
+def _temp_dir(out: Path) -> Path:
+    """The build folder, beside OUT_DIR so the final rename stays on one file system."""
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ExportError(f"cannot write to {out}: {blocked} is not a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT_DIR's mode
+    return tmp
+
+
+def _load(checkpoint: Path):
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": weights come next
+    try:
+        model, _ = load_model(checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
+    except ModelError as exc:
+        raise ExportError(f"{checkpoint}: {exc}") from None
+    except (KeyError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{checkpoint}: the weights do not fit the checkpoint's model spec "
+                          f"({first})") from None
+    finally:
+        logging.disable(previous)
+    return model
+
+
+def _install(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished build into place, swapping out an old export only now."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if any(out.iterdir()) and not force:  # something appeared while we worked
+        raise ExportError(f"{out} is not empty; pass --force to replace it")
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
+           verify: bool, batch: int, log) -> dict:
+    np.save(tmp / TOKEN_EMBEDDING, model.clip.token_embedding.weight.detach().float().numpy())
+    table = np.load(tmp / TOKEN_EMBEDDING)  # verification looks up in what ships
+    tokenizer = write_tokenizer(model, tmp)
+    if table.shape[0] != tokenizer["vocab_size"]:
+        raise ExportError(f"token table has {table.shape[0]} rows but the tokenizer "
+                          f"{tokenizer['vocab_size']} ids")
+    specs = model.input_specs()
+    encoders, checks, cosines = {}, {}, {}
+    for enc in graphs.ENCODERS:
+        name = graphs.FILES[enc]
+        raw = graphs.export_raw(model, enc, opset)
+        simplified = graphs.simplify(raw, enc)
+        size = graphs.write(simplified, tmp / name)
+        if enc == "text" and graphs.vocab_tables(simplified, table.shape[0]):
+            raise ExportError("the text graph holds the vocabulary table; it must ship apart")
+        log(graphs.op_table(name, raw, simplified, raw.ByteSize(), size))
+        lookup = table if enc == "text" else None
+        entry = {"file": name}
+        if verify:
+            checks[enc] = verification.verify_graph(model, enc, tmp / name, lookup, batch)
+            c = checks[enc]
+            log(f"  verify {enc}: onnxruntime min cosine {c['min_cosine']:.7f}, max abs diff "
+                f"{c['max_abs_diff']:.1e}; ReferenceEvaluator min cosine "
+                f"{c['reference_min_cosine']:.7f}, max abs diff {c['reference_max_abs_diff']:.1e}"
+                f" (batch 1 and {batch})")
+        if quantize == "int8":
+            entry["int8_file"] = name.replace(".onnx", ".int8.onnx")
+            verification.quantize_int8(tmp / name, tmp / entry["int8_file"])
+            cosines[enc] = verification.int8_cosine(model, enc, tmp / name,
+                                                    tmp / entry["int8_file"], lookup, batch)
+            note = "" if cosines[enc] >= verification.INT8_WARN_COSINE else "  (warning: low)"
+            log(f"  int8 {enc}: min cosine to fp32 {cosines[enc]:.5f}{note}")
+        entry.update(inputs=graphs.input_specs(model, enc), output=graphs.OUTPUT)
+        if enc == "text":
+            entry["token_embedding"] = TOKEN_EMBEDDING
+        else:
+            entry["preprocess"] = specs[enc]
+        encoders[enc] = entry
+
+    files = {p.relative_to(tmp).as_posix(): file_sha256(p)
+             for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "embed_dim": int(model.embed_dim), "fusion_weight": float(model.fusion_weight),
+        "opset": opset, "clip_model": model.spec.clip_model,
+        "encoders": encoders, "tokenizer": tokenizer, "files": files,
+        "source_checkpoint": {"sha256": file_sha256(checkpoint), "file": checkpoint.name},
+        "fingerprint": fingerprint(files),
+    }
+    if quantize == "int8":
+        manifest["quantization"] = {"int8": {
+            "method": "dynamic", "weight_type": "int8", "op_types": verification.INT8_OP_TYPES,
+            "cosine_to_fp32": cosines}}
+    manifest["verification"] = checks if verify else None
+    manifest["producer"] = _versions()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "open_clip_torch", "onnx", "onnxsim", "onnxruntime"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,116 @@
+"""Does each exported graph compute what the torch model computes?
+
+Each graph runs in onnxruntime (batch 1 and the full verification batch, from one graph) and in
+onnx's ReferenceEvaluator (a second, independent runtime), and is compared with the torch model
+row by row. The text graph is fed through the detached table exactly as the runtime will: ids
+from the tokenizer, rows looked up in token_embedding.npy, eot position = argmax of the ids;
+torch's side is the reference path from ids, ``model.encode_text(tokens)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stbir_export.errors import ExportError
+
+MIN_COSINE = 0.99999
+MAX_ABS_DIFF = 1e-4
+INT8_WARN_COSINE = 0.99
+INT8_OP_TYPES = ["MatMul", "Gemm"]  # ConvInteger measured slower than fp32 Conv on CPU
+TEXTS = ["a red circle", "", "a small blue square made of wood, on a white table",
+         " ".join(["a very long caption that will be truncated"] * 12), "green triangle",
+         "Caf\u00e9 &amp; THE yellow star", "two black lines"]
+
+
+def verification_batch(model, encoder: str, batch: int) -> dict[str, torch.Tensor]:
+    """Deterministic inputs: token ids of captions for text (one empty, one truncated), random
+    normalised pixels for the image towers."""
+    g = torch.Generator().manual_seed(1234)
+    if encoder == "text":
+        texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
+        return {"tokens": model.tokenizer()(texts)}
+    spec = model.input_specs()[encoder]
+    return {"pixels": torch.randn(batch, spec["channels"], spec["size"], spec["size"], generator=g)}
+
+
+@torch.no_grad()
+def torch_embeddings(model, encoder: str, inputs: dict) -> np.ndarray:
+    model.eval()
+    if encoder == "text":
+        return model.encode_text(inputs["tokens"]).numpy()
+    return getattr(model, f"encode_{encoder}")(inputs["pixels"]).numpy()
+
+
+def onnx_feeds(encoder: str, inputs: dict, table: np.ndarray | None) -> dict[str, np.ndarray]:
+    """What a runtime feeds the graph; for text, the lookup in the shipped table happens here."""
+    if encoder == "text":
+        ids = inputs["tokens"].numpy()
+        return {"token_embeddings": table[ids], "eot_position": ids.argmax(-1).astype(np.int64)}
+    return {"pixels": inputs["pixels"].numpy()}
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(lowest row cosine, largest absolute difference)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
+                                  + 1e-12)
+    return float(cos.min()), float(np.abs(got - want).max())
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, feeds: dict) -> np.ndarray:
+    return sess.run(None, feeds)[0]
+
+
+def verify_graph(model, encoder: str, path: Path, table: np.ndarray | None, batch: int) -> dict:
+    """Compare onnxruntime and ReferenceEvaluator with torch; raise ExportError out of bounds."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = verification_batch(model, encoder, batch)
+    want = torch_embeddings(model, encoder, inputs)
+    feeds = onnx_feeds(encoder, inputs, table)
+    sess = session(path)
+    full = compare(run(sess, feeds), want)
+    one = compare(run(sess, {k: v[:1] for k, v in feeds.items()}), want[:1])
+    ref = compare(ReferenceEvaluator(str(path)).run(None, feeds)[0], want)
+    result = {"min_cosine": min(full[0], one[0]), "max_abs_diff": max(full[1], one[1]),
+              "reference_min_cosine": ref[0], "reference_max_abs_diff": ref[1],
+              "batch_sizes": [1, batch]}
+    for runtime, (cos, diff) in (("onnxruntime", (result["min_cosine"], result["max_abs_diff"])),
+                                 ("onnx ReferenceEvaluator", ref)):
+        if not (cos >= MIN_COSINE and diff <= MAX_ABS_DIFF):
+            raise ExportError(
+                f"verification failed: {encoder} encoder in {runtime} vs torch: min cosine "
+                f"{cos:.7f} (needs >= {MIN_COSINE}), max abs diff {diff:.2e} "
+                f"(needs <= {MAX_ABS_DIFF:g})")
+    return result
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime dynamic quantisation: int8 weights, activations quantised at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its "consider pre-processing" advice is noise here
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
+    finally:
+        logging.disable(previous)
+
+
+def int8_cosine(model, encoder: str, fp32: Path, int8: Path, table: np.ndarray | None,
+                batch: int) -> float:
+    """Lowest row cosine between the int8 and the fp32 graph on the verification batch."""
+    feeds = onnx_feeds(encoder, verification_batch(model, encoder, batch), table)
+    return compare(run(session(int8), feeds), run(session(fp32), feeds))[0]
