@@ -247,9 +247,9 @@ def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_categor
                 # The category is fixed per folder; the rest of the item is sampled.
                 item = Item(item.name, cat, str(rng.choice(list(SHAPES[cat]))), item.colour,
                             item.texture, item.angle, item.scale, item.centre)
-                render_photo(item, rng).save(out / cat / f"{split}B" / f"{item.name}.png")
+                render_photo(item, rng).save(out / cat / f"{split}B" / f"{item.name}.png", compress_level=1)
                 for k in range(n_sketch):
-                    render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png")
+                    render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png", compress_level=1)
                 lines[cat, split].append(f"{item.name}.png\t{caption(item, rng)}")
                 truth.append(json.dumps({"split": split, **dataclasses.asdict(item)}))
     for (cat, split), rows in lines.items():

@@ -1,0 +1,203 @@
+"""``stbir-infer``: a thin click shell over ``stbir_infer.Searcher``.
+
+    stbir-infer enroll --images DIR [--model EXPORT] [--index IDX] [--batch-size N]
+    stbir-infer query [--sketch FILE] [--text "..."] [--top-k K] [--json]
+    stbir-infer info [--json]
+
+``--model`` defaults to $STBIR_MODEL or ./export, ``--index`` to $STBIR_INDEX or ./index.
+Exit status: 0 success, 2 bad usage or input (also: index built by another export, another writer
+busy), 1 internal failure. Errors are one line on stderr (set STBIR_DEBUG=1 for a traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from stbir_infer.errors import ImageDecodeError, StbirInferError
+
+PROG = "stbir-infer"
+
+
+def _fail(message: str, code: int):
+    click.echo(f"{PROG}: error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Main(click.Group):
+    """Turns every failure into one line on stderr and an exit status (no tracebacks)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else PROG
+            _fail(f"{exc.format_message()} (see `{where} --help`)", 2)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo(f"{PROG}: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.stdout = open(os.devnull, "w")  # downstream of a pipe closed early (| head)
+            sys.exit(1)
+        except StbirInferError as exc:
+            if os.environ.get("STBIR_DEBUG"):
+                raise
+            _fail(str(exc), exc.exit_code)
+        except ImageDecodeError as exc:
+            _fail(str(exc), 2)
+        except Exception as exc:  # a bug, or a failure in a library below us
+            if os.environ.get("STBIR_DEBUG"):
+                raise
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _fail(f"internal error: {type(exc).__name__}{': ' + detail if detail else ''} "
+                  "(set STBIR_DEBUG=1 for a traceback)", 1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+def _model_option(f):
+    return click.option("--model", "model_dir", envvar="STBIR_MODEL", default="export",
+                        show_default=True, metavar="EXPORT",
+                        help="Export dir (stbir-export output); env STBIR_MODEL.")(f)
+
+
+def _index_option(f):
+    return click.option("--index", "index_dir", envvar="STBIR_INDEX", default="index",
+                        show_default=True, metavar="IDX", help="Index dir; env STBIR_INDEX.")(f)
+
+
+def _runtime_options(f):
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Intra-op threads for onnxruntime and hnswlib (default: library's).")(f)
+    f = click.option("--int8", is_flag=True, help="Use the export's int8-quantised graphs.")(f)
+    return f
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Sketch + text image search on-device: enroll a photo folder, then query it."""
+
+
+@main.command()
+@click.option("--images", "images_dir", required=True, metavar="DIR",
+              help="Folder of photos (walked recursively).")
+@_model_option
+@_index_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per encoder call.")
+@click.option("--hnsw-m", "M", type=click.IntRange(min=2, max=512), default=None,
+              help="HNSW M for a new index [default: 16].")
+@click.option("--ef-construction", type=click.IntRange(min=1), default=None,
+              help="HNSW ef_construction for a new index [default: 200].")
+@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+              help="Store this query-time ef as the index's default [default: 64].")
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no list of skipped files.")
+def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_search, threads,
+           int8, as_json, quiet):
+    """Add a photo folder to the index, or refresh it (only new or changed files are encoded)."""
+    from stbir_infer.searcher import Searcher
+
+    searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search, M=M,
+                        ef_construction=ef_construction, precision="int8" if int8 else "fp32")
+    show_bar = not quiet and not as_json and sys.stderr.isatty()
+    report = searcher.enroll(images_dir, batch_size=batch_size, progress=show_bar)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if not quiet:
+        for path, reason in report.skipped_files[:10]:
+            click.echo(f"skipped: {path}: {reason}", err=True)
+        if len(report.skipped_files) > 10:
+            click.echo(f"skipped: ... and {len(report.skipped_files) - 10} more", err=True)
+    click.echo(f"{report.summary()} ({report.seconds:.1f} s)")
+
+
+@main.command()
+@click.option("--sketch", "sketch", metavar="FILE", default=None, help="Sketch image file.")
+@click.option("--text", "text", metavar="TEXT", default=None, help="Words the sketch can't say.")
+@click.option("--top-k", "-k", "top_k", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
+@_model_option
+@_index_option
+@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+              help="HNSW search breadth for this query [default: the index's].")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+              help="Also write a contact sheet PNG: the sketch, the caption and the top hits.")
+@click.option("--expect", type=click.Path(dir_okay=False), default=None,
+              help="The photo that should come first: say where it ranked.")
+@_runtime_options
+def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect, threads, int8):
+    """Find photos by a sketch, a text, or both (fused with the export's weight)."""
+    if sketch is None and (text is None or not text.strip()):
+        raise click.UsageError("give --sketch FILE, --text TEXT or both")
+    if sketch is not None and not os.path.isfile(sketch):
+        raise click.BadParameter(f"{sketch}: no such file", param_hint="--sketch")
+    from stbir_infer.searcher import Searcher
+
+    searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
+                        precision="int8" if int8 else "fp32")
+    hits = searcher.query(sketch=sketch, text=text, top_k=top_k)
+    if sheet:
+        from stbir_infer.sheet import contact_sheet
+
+        contact_sheet([{"sketch": sketch, "text": text, "hits": hits, "target": expect}], sheet, top_k)
+    if as_json:
+        fused = sketch is not None and text is not None and bool(text.strip())
+        out = {"query": {"sketch": sketch, "text": text, "top_k": top_k,
+                         "fusion_weight": searcher.fusion_weight if fused else None},
+               "model": searcher.encoders.fingerprint, "index": str(searcher.index_dir),
+               "results": [h.to_dict() for h in hits]}
+        click.echo(json.dumps(out, indent=2, ensure_ascii=False))
+        return
+    if not hits:
+        click.echo("no results: the index is empty", err=True)
+    for h in hits:
+        click.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
+    if expect:
+        want = os.path.realpath(expect)
+        rank = next((h.rank for h in hits if want in {os.path.realpath(p) for p in [h.path, *h.duplicates]}), None)
+        click.echo(f"expected photo ranked {'first' if rank == 1 else rank or f'below the top {top_k}'}")
+    if sheet:
+        click.echo(f"contact sheet: {sheet}")
+
+
+@main.command()
+@_model_option
+@_index_option
+@click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
+def info(model_dir, index_dir, as_json):
+    """Index size, the model it was built with, HNSW parameters."""
+    from stbir_infer.searcher import Searcher
+
+    data = Searcher(model_dir, index_dir).info()
+    if as_json:
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    exp = data["export"]
+    click.echo(f"model:       {exp['model_dir']}")
+    click.echo(f"  clip_model {exp['clip_model']}, embed_dim {exp['embed_dim']}, "
+               f"fusion_weight {exp['fusion_weight']}, fingerprint {exp['fingerprint'][:12]}")
+    click.echo(f"index:       {data['index_dir']}")
+    if not data["exists"]:
+        click.echo("  (empty: run `stbir-infer enroll --images DIR`)")
+        return
+    h = data["hnsw"]
+    click.echo(f"  images {data['images']}, files {data['files']}, skipped {data['skipped_files']}, "
+               f"generation {data['generation']}, updated {data['updated']}")
+    click.echo(f"  hnsw: space {data['space']}, dim {data['dim']}, M {h['M']}, "
+               f"ef_construction {h['ef_construction']}, ef_search {h['ef_search']}")
+    for root in data["roots"]:
+        click.echo(f"  root: {root}")
+
+
+if __name__ == "__main__":
+    main()

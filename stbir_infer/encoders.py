@@ -1,0 +1,251 @@
+"""The three exported encoders behind one object: images/sketches/texts in, unit vectors out.
+
+Reads only the export dir (export.json + the ONNX graphs + token table + tokenizer assets).
+Each graph gets its own onnxruntime session, created on first use, so a text-only caller never
+loads the image towers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from stbir_infer import preprocess as _pre
+from stbir_infer.errors import ExportDirError, QueryError
+from stbir_infer.tokenizer import Tokenizer
+
+EXPORT_FORMAT = "stbir-export"
+SUPPORTED_VERSIONS = (1,)
+BRANCHES = ("sketch", "image", "text")
+
+
+def read_manifest(model_dir: str | Path) -> dict:
+    """Load and check export.json; raise ExportDirError naming what is wrong."""
+    model_dir = Path(model_dir)
+    path = model_dir / "export.json"
+    if not model_dir.is_dir():
+        raise ExportDirError(f"{model_dir}: model dir not found (pass --model or set STBIR_MODEL)")
+    if not path.is_file():
+        raise ExportDirError(f"{model_dir}: not an STBIR export dir (no export.json)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportDirError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+        raise ExportDirError(f"{path}: not an STBIR export manifest (format is not {EXPORT_FORMAT!r})")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_VERSIONS:
+        raise ExportDirError(f"{path}: export format version {version} is not supported "
+                             f"(this runtime reads {', '.join(map(str, SUPPORTED_VERSIONS))})")
+    for key in ("embed_dim", "fusion_weight", "encoders", "tokenizer", "fingerprint"):
+        if key not in manifest:
+            raise ExportDirError(f"{path}: missing key {key!r}")
+    for branch in BRANCHES:
+        enc = manifest["encoders"].get(branch)
+        if not isinstance(enc, dict) or "file" not in enc or "inputs" not in enc:
+            raise ExportDirError(f"{path}: encoders.{branch} is missing or incomplete")
+        if branch != "text" and "preprocess" not in enc:
+            raise ExportDirError(f"{path}: encoders.{branch}.preprocess is missing")
+        if not (model_dir / enc["file"]).is_file():
+            raise ExportDirError(f"{model_dir}: {enc['file']} is missing")
+    if not (model_dir / manifest["encoders"]["text"].get("token_embedding", "token_embedding.npy")).is_file():
+        raise ExportDirError(f"{model_dir}: token embedding table is missing")
+    return manifest
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def fuse(sketch: np.ndarray | None, text: np.ndarray | None, weight: float) -> np.ndarray:
+    """Sketch+text query vector: normalize(w * s + (1 - w) * t); either half alone is the query."""
+    if sketch is None and text is None:
+        raise QueryError("a query needs a sketch, a text or both")
+    if sketch is None:
+        return np.asarray(text, np.float32)
+    if text is None:
+        return np.asarray(sketch, np.float32)
+    return _normalize(weight * np.asarray(sketch, np.float32) + (1 - weight) * np.asarray(text, np.float32))
+
+
+class Encoders:
+    """Sketch, image and text encoders of one export dir.
+
+    ``threads`` sets onnxruntime's intra-op threads (None: onnxruntime's default).
+    ``precision`` "fp32" (default) or "int8" (the export's quantised graphs, where it has them).
+    ``providers``: onnxruntime execution providers (default: CPU only).
+    """
+
+    def __init__(self, model_dir: str | Path, *, threads: int | None = None, precision: str = "fp32",
+                 providers: Sequence[str] | None = None):
+        if precision not in ("fp32", "int8"):
+            raise ExportDirError(f"precision {precision!r} is not fp32 or int8")
+        if threads is not None and int(threads) < 1:
+            raise ExportDirError(f"threads must be >= 1, not {threads}")
+        self.model_dir = Path(model_dir)
+        self.manifest = read_manifest(self.model_dir)
+        self.threads = threads
+        self.precision = precision
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.embed_dim = int(self.manifest["embed_dim"])
+        self.fusion_weight = float(self.manifest["fusion_weight"])
+        self.fingerprint = str(self.manifest["fingerprint"])
+        if precision == "int8":
+            for branch in BRANCHES:
+                f = self.manifest["encoders"][branch].get("int8_file")
+                if not f or not (self.model_dir / f).is_file():
+                    raise ExportDirError(f"{self.model_dir}: no int8 graph for the {branch} encoder "
+                                         "(export with --quantize int8)")
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self._tokenizer: Tokenizer | None = None
+        self._table: np.ndarray | None = None
+
+    # -- what the manifest says ----------------------------------------------------------------
+    def spec(self, branch: str) -> dict:
+        """The preprocessing spec of the ``sketch`` or ``image`` input."""
+        return self.manifest["encoders"][branch]["preprocess"]
+
+    @property
+    def clip_model(self) -> str | None:
+        return self.manifest.get("clip_model")
+
+    def describe(self) -> dict:
+        m = self.manifest
+        return {"model_dir": str(self.model_dir.resolve()), "fingerprint": self.fingerprint,
+                "clip_model": m.get("clip_model"), "embed_dim": self.embed_dim,
+                "fusion_weight": self.fusion_weight, "opset": m.get("opset"),
+                "precision": self.precision, "format_version": m.get("format_version")}
+
+    def verify_files(self) -> list[str]:
+        """Files whose sha256 differs from export.json's record (empty list: all intact)."""
+        bad = []
+        for rel, digest in (self.manifest.get("files") or {}).items():
+            p = self.model_dir / rel
+            if not p.is_file():
+                bad.append(rel)
+                continue
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if h.hexdigest() != digest:
+                bad.append(rel)
+        return bad
+
+    # -- sessions --------------------------------------------------------------------------------
+    def session(self, branch: str):
+        with self._lock:
+            sess = self._sessions.get(branch)
+            if sess is None:
+                sess = self._sessions[branch] = self._open(branch)
+            return sess
+
+    def graph_file(self, branch: str) -> Path:
+        """The ONNX file this object runs for ``branch`` (the int8 one under precision int8)."""
+        enc = self.manifest["encoders"][branch]
+        return self.model_dir / (enc["int8_file"] if self.precision == "int8" else enc["file"])
+
+    def _open(self, branch: str):
+        import onnxruntime as ort
+
+        path = self.graph_file(branch)
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts,
+                                        providers=self.providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ExportDirError(f"{path}: onnxruntime cannot load it "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+
+    def _run(self, branch: str, feeds: dict) -> np.ndarray:
+        enc = self.manifest["encoders"][branch]
+        sess = self.session(branch)
+        out = sess.run([enc.get("output", "embedding")], feeds)[0]
+        return np.asarray(out, np.float32)
+
+    # -- encoders --------------------------------------------------------------------------------
+    def encode_pixels(self, branch: str, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [B, C, S, S] -> unit vectors [B, D]."""
+        if branch not in ("sketch", "image"):
+            raise ValueError(f"branch must be sketch or image, not {branch!r}")
+        pixels = np.ascontiguousarray(pixels, np.float32)
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        name = self.manifest["encoders"][branch]["inputs"][0]["name"]
+        return self._run(branch, {name: pixels})
+
+    def preprocess(self, branch: str, images: Iterable) -> np.ndarray:
+        """Paths / PIL images -> float32 [B, C, S, S]; raises ImageDecodeError on a bad file."""
+        spec = self.spec(branch)
+        arrays = [_pre.load(im, spec) for im in images]
+        if not arrays:
+            s, c = int(spec["size"]), int(spec["channels"])
+            return np.zeros((0, c, s, s), np.float32)
+        return np.stack(arrays)
+
+    def sketch(self, images: Sequence) -> np.ndarray:
+        """Sketch files or PIL images -> unit vectors [B, D]."""
+        return self.encode_pixels("sketch", self.preprocess("sketch", images))
+
+    def image(self, images: Sequence) -> np.ndarray:
+        """Photo files or PIL images -> unit vectors [B, D]."""
+        return self.encode_pixels("image", self.preprocess("image", images))
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_export(self.model_dir, self.manifest["tokenizer"])
+        return self._tokenizer
+
+    @property
+    def token_table(self) -> np.ndarray:
+        if self._table is None:
+            rel = self.manifest["encoders"]["text"].get("token_embedding", "token_embedding.npy")
+            try:
+                table = np.load(self.model_dir / rel, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ExportDirError(f"{self.model_dir / rel}: not a readable .npy table ({exc})") from None
+            if table.ndim != 2 or table.shape[0] < self.tokenizer.vocab_size:
+                raise ExportDirError(f"{self.model_dir / rel}: table shape {table.shape} does not fit "
+                                     f"the tokenizer's {self.tokenizer.vocab_size} tokens")
+            self._table = table
+        return self._table
+
+    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
+        return self.tokenizer(texts)
+
+    def text(self, texts: str | Sequence[str]) -> np.ndarray:
+        """Texts -> unit vectors [B, D]. The table lookup runs here; the graph pools at the
+        end-of-text position, which (as in open_clip) is the argmax of the ids."""
+        ids = self.tokenize(texts)
+        if ids.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        emb = np.ascontiguousarray(self.token_table[ids], np.float32)
+        eot = ids.argmax(axis=-1).astype(np.int64)
+        names = [i["name"] for i in self.manifest["encoders"]["text"]["inputs"]]
+        return self._run("text", {names[0]: emb, names[1]: eot})
+
+    def fuse(self, sketch: np.ndarray | None, text: np.ndarray | None) -> np.ndarray:
+        return fuse(sketch, text, self.fusion_weight)
+
+    def query_vector(self, sketch=None, text: str | None = None) -> np.ndarray:
+        """One query [D]: a sketch (path / PIL image), a text, or both fused with the export's weight."""
+        if sketch is None and (text is None or not str(text).strip()):
+            raise QueryError("a query needs a sketch, a text or both")
+        s = self.sketch([sketch])[0] if sketch is not None else None
+        t = self.text([text])[0] if text is not None and str(text).strip() else None
+        return self.fuse(s, t)
+
+
+__all__ = ["BRANCHES", "Encoders", "fuse", "read_manifest"]

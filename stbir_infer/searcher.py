@@ -1,0 +1,164 @@
+"""The runtime's public face: load an export and an index once, then query and enroll many times.
+
+    from stbir_infer import Searcher
+    s = Searcher("runs/demo/export", "runs/demo/index")
+    s.enroll("photos/")                                  # incremental
+    for hit in s.query(sketch="cat.png", text="a ginger cat", top_k=5):
+        print(hit.rank, round(hit.score, 3), hit.path)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stbir_infer import index as _index
+from stbir_infer.encoders import Encoders
+from stbir_infer.enroll import EnrollReport, enroll, model_record
+from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, ParameterError, QueryError
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result: ``path`` of the image, cosine ``score``, 1-based ``rank``; ``duplicates`` are
+    other paths with the same content (indexed once)."""
+
+    path: str
+    score: float
+    rank: int
+    duplicates: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "score": self.score, "path": self.path,
+                "duplicates": list(self.duplicates)}
+
+
+def _check_positive(name: str, value, error=ParameterError) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise error(f"{name} must be an integer >= 1, not {value!r}")
+    return int(value)
+
+
+class Searcher:
+    """An export dir (the encoders) plus an index dir (the gallery).
+
+    ``threads``: onnxruntime intra-op threads and hnswlib threads (None: library defaults).
+    ``ef_search``: HNSW search breadth (None: the value stored in the index, 64 by default);
+    ``enroll`` stores it in the index as the new default.
+    ``M`` / ``ef_construction``: used only when ``enroll`` creates the index.
+    ``precision``: "fp32" or "int8" (the export's quantised graphs).
+    An index built with another export is refused (ModelMismatchError) here, not at first query.
+    """
+
+    def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
+                 ef_search: int | None = None, M: int | None = None,
+                 ef_construction: int | None = None, precision: str = "fp32"):
+        self.threads = _check_positive("threads", threads)
+        self.ef_search = _check_positive("ef_search", ef_search)
+        self._M = M
+        self._ef_construction = ef_construction
+        if M is not None or ef_construction is not None:  # validate early
+            _index.HnswParams(M=16 if M is None else M,
+                              ef_construction=200 if ef_construction is None else ef_construction)
+        self.encoders = Encoders(model_dir, threads=threads, precision=precision)
+        self.index_dir = Path(index_dir).expanduser()
+        self._index: _index.GalleryIndex | None = None
+        self._stamp = None
+        self._lock = threading.Lock()
+        self._refresh()
+
+    # -- index state -------------------------------------------------------------------------------
+    def _refresh(self) -> _index.GalleryIndex | None:
+        """Reload when another process (or our own enroll) has committed a new generation."""
+        stamp = _index.current_stamp(self.index_dir)
+        if stamp is None:
+            return self._index
+        if stamp != self._stamp or self._index is None:
+            with self._lock:
+                if stamp != self._stamp or self._index is None:
+                    idx = _index.GalleryIndex.load(self.index_dir, threads=self.threads)
+                    idx.check_model(model_record(self.encoders), self.index_dir)
+                    self._index, self._stamp = idx, stamp
+        return self._index
+
+    def reload(self) -> None:
+        self._stamp = None
+        self._refresh()
+
+    @property
+    def fusion_weight(self) -> float:
+        return self.encoders.fusion_weight
+
+    # -- enroll ---------------------------------------------------------------------------------------
+    def enroll(self, images_dir: str | Path, batch_size: int = 32, progress: bool = False, *,
+               checkpoint_seconds: float = 300.0) -> EnrollReport:
+        """Add new / changed images under ``images_dir``, drop removed ones (see EnrollReport)."""
+        report = enroll(self.encoders, self.index_dir, images_dir, batch_size=batch_size,
+                        progress=progress, M=self._M, ef_construction=self._ef_construction,
+                        ef_search=self.ef_search, threads=self.threads, checkpoint_seconds=checkpoint_seconds)
+        self.reload()
+        return report
+
+    # -- query ------------------------------------------------------------------------------------
+    def query(self, sketch=None, text: str | None = None, top_k: int = 10) -> list[Hit]:
+        """Top-k images for a sketch (path or PIL image), a text, or both (fused with the export's
+        weight). Raises QueryError when neither is given."""
+        top_k = _check_positive("top_k", top_k, QueryError)
+        if text is not None and not isinstance(text, str):
+            raise QueryError(f"text must be a string, not {type(text).__name__}")
+        if sketch is None and (text is None or not text.strip()):
+            raise QueryError("a query needs a sketch, a text or both")
+        idx = self._require_index()
+        try:
+            vector = self.encoders.query_vector(sketch=sketch, text=text)
+        except ImageDecodeError as exc:
+            raise QueryError(f"sketch: {exc}") from None
+        return self._search(idx, vector, top_k)
+
+    def search(self, vector: np.ndarray, top_k: int = 10) -> list[Hit]:
+        """Top-k images for a precomputed query vector [D] (e.g. from ``encoders.fuse``)."""
+        top_k = _check_positive("top_k", top_k, QueryError)
+        vector = np.asarray(vector, np.float32).reshape(-1)
+        if vector.shape[0] != self.encoders.embed_dim:
+            raise QueryError(f"query vector has {vector.shape[0]} dims, the index "
+                             f"{self.encoders.embed_dim}")
+        return self._search(self._require_index(), vector, top_k)
+
+    def _require_index(self) -> _index.GalleryIndex:
+        idx = self._refresh()
+        if idx is None:
+            raise IndexNotFoundError(f"{self.index_dir}: no index here yet "
+                                     "(run `stbir-infer enroll --images DIR` first)")
+        return idx
+
+    def _search(self, idx: _index.GalleryIndex, vector: np.ndarray, top_k: int) -> list[Hit]:
+        with self._lock:  # hnswlib's ef is index-wide state
+            found = idx.search(vector, top_k, ef=self.ef_search or idx.params.ef_search)
+        hits = []
+        for rank, (label, score) in enumerate(found, 1):
+            paths = idx.paths.get(label) or ["?"]
+            hits.append(Hit(path=paths[0], score=score, rank=rank, duplicates=tuple(paths[1:])))
+        return hits
+
+    # -- info ---------------------------------------------------------------------------------------
+    def info(self) -> dict:
+        """Index size, the model it was built with, HNSW parameters."""
+        idx = self._refresh()
+        out = {"index_dir": str(self.index_dir.resolve()), "exists": idx is not None,
+               "export": self.encoders.describe()}
+        if idx is None:
+            return out
+        out.update({
+            "images": len(idx), "files": len(idx.files), "skipped_files": len(idx.skipped),
+            "generation": idx.generation, "created": idx.created, "updated": idx.updated,
+            "roots": list(idx.roots), "space": _index.SPACE, "dim": idx.dim,
+            "hnsw": {**idx.params.to_dict(),
+                     "ef_search_effective": self.ef_search or idx.params.ef_search},
+            "model": dict(idx.model),
+        })
+        return out
