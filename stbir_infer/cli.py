@@ -3,6 +3,7 @@
     stbir-infer enroll --images DIR [--model EXPORT] [--index IDX] [--batch-size N]
     stbir-infer query [--sketch FILE] [--text "..."] [--top-k K] [--json]
     stbir-infer info [--json]
+    stbir-infer serve [--host 127.0.0.1] [--port 8000]     web page + JSON API
 
 ``--model`` defaults to $STBIR_MODEL or ./export, ``--index`` to $STBIR_INDEX or ./index.
 Exit status: 0 success, 2 bad usage or input (also: index built by another export, another writer
@@ -197,6 +198,26 @@ def info(model_dir, index_dir, as_json):
                f"ef_construction {h['ef_construction']}, ef_search {h['ef_search']}")
     for root in data["roots"]:
         click.echo(f"  root: {root}")
+
+
+@main.command()
+@_model_option
+@_index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback exposes the gallery).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port (0: any free one).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Largest request body accepted, in MiB.")
+@_runtime_options
+@click.option("-q", "--quiet", is_flag=True, help="No request log.")
+def serve(model_dir, index_dir, host, port, max_body_mb, threads, int8, quiet):
+    """A local web page (draw, type, see photos) and JSON API; models and index loaded once."""
+    from stbir_infer.serve import serve as run_server
+
+    run_server(model_dir, index_dir, host=host, port=port, threads=threads,
+               precision="int8" if int8 else "fp32", max_body=int(max_body_mb * (1 << 20)),
+               quiet=quiet)
 
 
 if __name__ == "__main__":
