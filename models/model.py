@@ -8,6 +8,7 @@ checkpoint and into the export.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -154,7 +155,11 @@ class STBIRModel(nn.Module):
         open_clip = _open_clip()
         if spec.clip_model not in open_clip.list_models():
             raise ModelError(f"clip_model {spec.clip_model!r} is not an open_clip architecture")
-        self.clip = open_clip.create_model(spec.clip_model, pretrained=None)
+        logging.disable(logging.WARNING)  # open_clip warns that random init has no weights: intended
+        try:
+            self.clip = open_clip.create_model(spec.clip_model, pretrained=None)
+        finally:
+            logging.disable(logging.NOTSET)
         if spec.pretrained:
             _load_clip_weights(self.clip, spec.clip_model, spec.pretrained)
         self.clip.logit_scale.requires_grad_(False)  # training uses the config's temperature

@@ -30,6 +30,13 @@ def cosine_triplet(anchor: torch.Tensor, positive: torch.Tensor, negatives: torc
     return F.relu(margin - pos + neg).mean()
 
 
+def in_batch_negatives(x: torch.Tensor) -> torch.Tensor:
+    """[B, D] -> [B, B-1, D]: for each row, every other row of the batch."""
+    b = len(x)
+    keep = ~torch.eye(b, dtype=torch.bool, device=x.device)
+    return x.unsqueeze(0).expand(b, -1, -1)[keep].view(b, b - 1, -1)
+
+
 def fuse_quad(photo: torch.Tensor, sketch: torch.Tensor, photo_spec: dict,
               sketch_spec: dict) -> torch.Tensor:
     """The fused visual input of the image-sketch consistency loss (the seed's ``_fuse_quad``).

@@ -83,14 +83,17 @@ def step_losses(model, batch: dict, cfg: Config, target: str) -> dict[str, torch
     if w.infonce:
         out["infonce"] = L.info_nce(q, i, cfg.loss.temperature,
                                     None if neg_i is None else neg_i.flatten(0, 1))
-    if w.triplet and neg_i is not None:
+    if w.triplet:
+        if neg_i is None:  # no manifest negatives loaded: the other items of the batch
+            neg_i, neg_q = L.in_batch_negatives(i), L.in_batch_negatives(q)
         out["triplet"] = (L.cosine_triplet(q, i, neg_i, cfg.loss.triplet_margin)
                           + L.cosine_triplet(i, q, neg_q, cfg.loss.triplet_margin)) / 2
     if w.fusion and (learns["image"] or learns["sketch"]):
+        n = cfg.loss.fusion_items or len(i)  # the mosaic costs one more image pass: cap it
         specs = model.input_specs()
-        mosaic = L.fuse_quad(batch["image"], batch["sketch"], specs["image"], specs["sketch"])
+        mosaic = L.fuse_quad(batch["image"][:n], batch["sketch"][:n], specs["image"], specs["sketch"])
         f = _encode(model.encode_image, mosaic, learns["image"])
-        out["fusion"] = L.fusion_consistency(f, i, s)
+        out["fusion"] = L.fusion_consistency(f, i[:n], s[:n])
     if w.arcface and model.arcface is not None:
         y = batch["label"]
         out["arcface"] = (L.arcface_loss(model.arcface.logits(q, y), y)

@@ -69,3 +69,10 @@ def test_fuse_is_weighted_mean_renormalised_and_accepts_one_half():
     assert fuse(s, None, 0.75) is s and fuse(None, t, 0.75) is t
     with pytest.raises(ValueError):
         fuse(None, None, 0.5)
+
+
+def test_in_batch_negatives_are_every_other_row():
+    x = torch.arange(6.0).view(3, 2)
+    neg = L.in_batch_negatives(x)
+    assert neg.shape == (3, 2, 2)
+    assert neg[1].tolist() == [[0.0, 1.0], [4.0, 5.0]]

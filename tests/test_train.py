@@ -88,7 +88,8 @@ def test_resumed_run_matches_an_uninterrupted_run(tiny_dataset, tmp_path):
 
 def test_only_one_stage_runs_with_stage_option(tiny_dataset, tmp_path):
     stages = [{"target": "sketch", "epochs": 1, "lr": 1e-4}, {"target": "text", "epochs": 1, "lr": 1e-4}]
-    cfg = load_config(make_config(tiny_dataset, tmp_path, **{"training.stages": stages}))
+    cfg = load_config(make_config(tiny_dataset, tmp_path, **{"training.stages": stages,
+                                                             "data.negatives_per_modality": 2}))
     train(cfg, only_stage="text", log=lambda *a: None)
     log = [json.loads(line) for line in (cfg.out / "train_log.jsonl").read_text().splitlines()]
     assert [r["target"] for r in log] == ["text"]
