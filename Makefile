@@ -24,5 +24,8 @@ test-slow: install
 demo: install
 	OUT=$(OUT) PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
 clean:
 	rm -rf runs .pytest_cache

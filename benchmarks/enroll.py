@@ -1,0 +1,182 @@
+"""Enroll throughput (images/s of ``Searcher.enroll`` on a fresh index) against the image
+encoder's pure batch throughput on the same images, already decoded.
+
+A folder of ``--images`` built-in-style photos (``--photo-size`` px, PNG or JPEG) is generated,
+then, on the same export (random-init ``--preset``, or ``--model``):
+
+- pure encoder: ``Encoders.encode_pixels("image", batch)`` over all images, pre-decoded and
+  preprocessed in memory, in batches of ``--batch-size`` (the enroll default, 32);
+- enroll: ``Searcher(model, fresh_index).enroll(folder, batch_size)`` -- walk, stat, sha256,
+  decode + preprocess (thread pool), encode, hnswlib add, atomic index write; the image graph's
+  onnxruntime session is loaded before the clock starts (timed apart: a once-per-process cost);
+- the parts of enroll alone, to show where the difference goes: sha256 of every file, decode +
+  preprocess (one thread), hnswlib add, index save;
+- a refresh: enroll again on the unchanged folder (nothing to encode).
+
+Each is repeated ``--repeats`` times; the median counts. Target: enroll >= 0.8x pure throughput.
+
+    python benchmarks/enroll.py [--images 300] [--photo-size 96] [--preset small] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", choices=("small", "seed"),
+                   help="random-init model preset when no --model (default %(default)s)")
+    p.add_argument("--model", type=Path, default=None, help="use this export dir instead")
+    p.add_argument("--label", default=None, help="what to call --model in the tables")
+    p.add_argument("--images", type=int, default=300, help="photos to generate (default %(default)s)")
+    p.add_argument("--photo-size", type=int, default=96,
+                   help="photo side in px (96 = the built-in dataset; try 1024 for camera-like "
+                        "decode cost)")
+    p.add_argument("--format", default="png", choices=("png", "jpg"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "int8"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", type=Path, default=None, help="temp files go here (deleted after)")
+    common.add_common_args(p, "enroll")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.images, args.repeats = 64, 2
+    return args
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    common.pin_threads(args.threads)
+    t_start = time.perf_counter()
+    import numpy as np
+
+    from stbir_infer import index as _index
+    from stbir_infer import preprocess as _pre
+    from stbir_infer.encoders import Encoders
+    from stbir_infer.enroll import file_sha256, model_record
+    from stbir_infer.searcher import Searcher
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    work = Path(tempfile.mkdtemp(prefix="stbir-bench-enroll-", dir=args.workdir))
+    try:
+        model = args.model
+        if model is None:
+            log(f"exporting a random-init {args.preset} model ...")
+            model, _ = common.random_export(args.preset, work, quantize=args.precision == "int8")
+        log(f"generating {args.images} photos ({args.photo_size} px {args.format}) ...")
+        rows = common.synth_images(work / "photos", args.images, size=args.photo_size, seed=5,
+                                   fmt_ext=args.format)
+        paths = [str(r["photo"]) for r in rows]
+        n, bs = len(paths), args.batch_size
+        folder_mb = common.dir_bytes(work / "photos") / 1e6
+        enc = Encoders(model, threads=args.threads, precision=args.precision)
+        spec = enc.spec("image")
+
+        # Parts, each over all n images.
+        arrays = np.stack([_pre.load(p, spec) for p in paths])  # also warms the file cache
+        t_decode = median_time(lambda: [_pre.load(p, spec) for p in paths], args.repeats)
+        t_hash = median_time(lambda: [file_sha256(p) for p in paths], args.repeats)
+
+        def encode_all():
+            return np.concatenate([enc.encode_pixels("image", arrays[i:i + bs])
+                                   for i in range(0, n, bs)])
+        vectors = encode_all()  # warm-up (session creation)
+        t_pure = median_time(encode_all, args.repeats)
+
+        record = model_record(enc)
+        hashes = [f"{i:064x}" for i in range(n)]
+        state = {}
+
+        def add_all():
+            idx = _index.GalleryIndex.create(dim=enc.embed_dim, model=record)
+            idx.hnsw.set_num_threads(args.threads)
+            for i in range(0, n, bs):
+                idx.add_vectors(vectors[i:i + bs], hashes[i:i + bs])
+            state["idx"] = idx
+        t_add = median_time(add_all, args.repeats)
+        save_dirs = iter(range(10**6))
+        t_save = median_time(lambda: state["idx"].save(work / f"save-{next(save_dirs)}"), args.repeats)
+
+        # Enroll, on a fresh index each time; then a refresh of the last one.
+        # The Searcher and its image session are made before the clock starts (a one-off cost,
+        # timed apart as "session load"), so enroll and the pure encoder run the same warm graph.
+        times, reports, loads = [], [], []
+        for r in range(args.repeats):
+            s = Searcher(model, work / f"index-{r}", threads=args.threads, precision=args.precision)
+            t0 = time.perf_counter()
+            s.encoders.session("image")
+            loads.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            reports.append(s.enroll(work / "photos", batch_size=bs))
+            times.append(time.perf_counter() - t0)
+            state["searcher"] = s
+        t_enroll, t_load = statistics.median(times), statistics.median(loads)
+        bad = [r for r in reports if r.encoded != n]
+        if bad:
+            raise SystemExit(f"enroll encoded {bad[0].encoded} of {n} images: {bad[0].summary()}")
+        t_refresh = median_time(lambda: state["searcher"].enroll(work / "photos", batch_size=bs),
+                                args.repeats)
+
+        parts = {"sha256": t_hash, "decode+preprocess (1 thread)": t_decode, "encode (pure)": t_pure,
+                 "hnswlib add": t_add, "index save": t_save,
+                 "image session load (once per process, not in enroll's time)": t_load}
+        result = {"benchmark": "enroll", "command": common.command_line(),
+                  "machine": common.machine_info(args.threads),
+                  "settings": {"model": args.label or (str(args.model) if args.model else
+                                                        f"random-init {args.preset} preset"),
+                               "images": n,
+                               "photo_size": args.photo_size, "format": args.format,
+                               "folder_mb": folder_mb, "batch_size": bs,
+                               "precision": args.precision, "repeats": args.repeats,
+                               "image_input_px": spec["size"], "quick": args.quick},
+                  "pure_images_per_s": n / t_pure, "enroll_images_per_s": n / t_enroll,
+                  "ratio_enroll_to_pure": t_pure / t_enroll,
+                  "enroll_seconds": t_enroll, "refresh_seconds": t_refresh,
+                  "parts_seconds": parts,
+                  "enroll_minus_pure_seconds": t_enroll - t_pure}
+        result["targets"] = [common.target("enroll / pure encoder throughput",
+                                           result["ratio_enroll_to_pure"], 0.8, ">=")]
+
+        st = result["settings"]
+        md = ["### Enroll: Searcher.enroll vs the image encoder alone",
+              f"Machine: {common.machine_line(result['machine'])}", "",
+              f"{n} generated photos ({st['photo_size']} px {st['format'].upper()}, "
+              f"{folder_mb:.1f} MB), {st['model']} (image input {spec['size']} px, "
+              f"{args.precision}), batch {bs}, median of {args.repeats}.", "",
+              common.md_table(["path", "seconds", "images/s", "vs pure encoder"], [
+                  ["encoder only, pre-decoded arrays", f"{t_pure:.3f}", f"{n / t_pure:.0f}", "1.00x"],
+                  ["Searcher.enroll, fresh index", f"{t_enroll:.3f}", f"{n / t_enroll:.0f}",
+                   f"{t_pure / t_enroll:.2f}x"],
+                  ["Searcher.enroll again, unchanged folder", f"{t_refresh:.3f}", "-", "-"]]),
+              "", "Where enroll's time can go (each part alone, over all images):", "",
+              common.md_table(["part", "seconds", "share of enroll"],
+                              [[k, f"{v:.3f}", f"{100 * v / t_enroll:.0f}%"] for k, v in parts.items()]),
+              "", "Targets:", "", common.targets_table(result["targets"])]
+        common.finish("enroll", result, args.out, "\n".join(md), t_start)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
