@@ -70,11 +70,12 @@ class Searcher:
         self._index: _index.GalleryIndex | None = None
         self._stamp = None
         self._lock = threading.Lock()
-        self._refresh()
+        self.current_index()
 
     # -- index state -------------------------------------------------------------------------------
-    def _refresh(self) -> _index.GalleryIndex | None:
-        """Reload when another process (or our own enroll) has committed a new generation."""
+    def current_index(self) -> _index.GalleryIndex | None:
+        """The index as last committed (reloaded when another process or our own enroll has
+        committed a new generation); None before the first enroll."""
         stamp = _index.current_stamp(self.index_dir)
         if stamp is None:
             return self._index
@@ -88,7 +89,7 @@ class Searcher:
 
     def reload(self) -> None:
         self._stamp = None
-        self._refresh()
+        self.current_index()
 
     @property
     def fusion_weight(self) -> float:
@@ -130,7 +131,7 @@ class Searcher:
         return self._search(self._require_index(), vector, top_k)
 
     def _require_index(self) -> _index.GalleryIndex:
-        idx = self._refresh()
+        idx = self.current_index()
         if idx is None:
             raise IndexNotFoundError(f"{self.index_dir}: no index here yet "
                                      "(run `stbir-infer enroll --images DIR` first)")
@@ -148,7 +149,7 @@ class Searcher:
     # -- info ---------------------------------------------------------------------------------------
     def info(self) -> dict:
         """Index size, the model it was built with, HNSW parameters."""
-        idx = self._refresh()
+        idx = self.current_index()
         out = {"index_dir": str(self.index_dir.resolve()), "exists": idx is not None,
                "export": self.encoders.describe()}
         if idx is None:

@@ -287,7 +287,7 @@ class App:
 
     def _gallery(self):
         # The live GalleryIndex (Searcher reloads it when an enroll has committed a new one).
-        idx = self.searcher._refresh()
+        idx = self.searcher.current_index()
         if idx is None:
             raise IndexNotFoundError(f"{self.searcher.index_dir}: no index here yet")
         return idx
