@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from stbir_infer.preprocess import ImageDecodeError, open_image
 
@@ -41,19 +41,20 @@ def contact_sheet(rows: list[dict], path: str | Path, top_k: int = 5) -> Path:
     height = len(rows) * (CELL + 24) + 8
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=13)
     for r, row in enumerate(rows):
         y = 8 + r * (CELL + 24)
         if row.get("sketch"):
             sheet.paste(_thumb(row["sketch"], 1), (8, y))
         for i, line in enumerate(_wrap(row.get("text") or "(no text)")[:6]):
-            draw.text((CELL + 16, y + 4 + 14 * i), line, fill="black")
+            draw.text((CELL + 16, y + 4 + 16 * i), line, fill="black", font=font)
         for k, hit in enumerate(row["hits"][:top_k]):
             x = CELL + CAPTION_W + k * (CELL + 8)
             sheet.paste(_thumb(hit.path), (x, y))
             target = row.get("target")
             if target is not None and Path(hit.path).resolve() == Path(target).resolve():
                 draw.rectangle([x - 3, y - 3, x + CELL + 2, y + CELL + 2], outline=(0, 170, 0), width=4)
-            draw.text((x, y + CELL + 4), f"#{k + 1}  {hit.score:.3f}", fill="black")
+            draw.text((x, y + CELL + 4), f"#{k + 1}  {hit.score:.3f}", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
