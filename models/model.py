@@ -58,6 +58,10 @@ PRESETS: dict[str, dict] = {
 
 
 def _open_clip():
+    # Devices and CI have no network: pretrained tags resolve from the local cache only, and fail
+    # at once instead of retrying downloads (HF_HUB_OFFLINE=0 in the environment opts back in).
+    # Set before the first import, because huggingface_hub reads it when imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
     if "stbir-small" not in open_clip.list_models():
@@ -280,8 +284,6 @@ def _load_clip_weights(clip: nn.Module, name: str, pretrained: str) -> None:
     if pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise ModelError(f"pretrained: {pretrained!r} is not an open_clip tag for {name} "
                          f"(known: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
-    # No network on the devices this runs on: look only in the local cache, never download.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         file = open_clip.download_pretrained(cfg)
