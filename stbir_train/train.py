@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from models import build_model, load_model, read_checkpoint, save_checkpoint
 from stbir_train import losses as L
-from stbir_train.config import Config
+from stbir_train.config import Config, ConfigError
 from stbir_train.data import ImageCache, SBIRDataset
 from stbir_train.evaluate import evaluate_rows
 from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
@@ -157,7 +157,10 @@ def train(cfg: Config, only_stage: str | None = None, resume: str | Path | None 
 
     # -- model ---------------------------------------------------------------------------------
     stages = cfg.training.stages
-    start_stage, start_epoch, best, step_in_stage = 0, 0, -1.0, 0
+    if only_stage is not None and all(st.target != only_stage for st in stages):
+        raise ConfigError(f"{cfg.source or 'config'}: --stage {only_stage}: training.stages has no "
+                          f"such stage (it has {', '.join(st.target for st in stages)})")
+    start_stage, start_epoch, best = 0, 0, -1.0
     resume_state = None
     if resume is not None:
         resume_state = read_checkpoint(resume)

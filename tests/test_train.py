@@ -168,3 +168,9 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(tiny_dataset, tmp
     assert len(log) == 1  # one epoch, written once (rank 0 only)
     model, _ = load_model(cfg.out / "checkpoints" / "last.pt")
     assert model.arcface is not None
+
+
+def test_stage_option_naming_a_stage_the_config_lacks_is_an_error(tiny_dataset, tmp_path):
+    cfg = load_config(make_config(tiny_dataset, tmp_path))
+    with pytest.raises(ConfigError, match=r"--stage image: training.stages has no such stage \(it has all\)"):
+        train(cfg, only_stage="image", log=lambda *a: None)
