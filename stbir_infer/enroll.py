@@ -216,11 +216,17 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
         bar = _progress(len(todo), progress)
         pool = ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, 8)))
         try:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
+            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+
+            def decode(batch):  # PIL releases the GIL while decoding and resizing: use threads
+                return pool.map(lambda item: _decode(item[1][0][0], spec), batch)
+
+            upcoming = decode(batches[0]) if batches else None
+            for n, batch in enumerate(batches):
+                decoded = list(upcoming)
+                # Start decoding the next batch now, so it overlaps this batch's encoding.
+                upcoming = decode(batches[n + 1]) if n + 1 < len(batches) else None
                 arrays, hashes = [], []
-                # PIL releases the GIL while decoding and resizing: decode a batch in threads.
-                decoded = pool.map(lambda item: _decode(item[1][0][0], spec), batch)
                 for (sha, group), result in zip(batch, decoded):
                     if isinstance(result, np.ndarray):
                         arrays.append(result)
@@ -250,7 +256,7 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
                 if bar is not None:
                     bar.update(len(batch))
                 if dirty and time.monotonic() - last_commit >= checkpoint_seconds \
-                        and start + batch_size < len(todo):
+                        and n + 1 < len(batches):
                     idx.save(index_dir)
                     last_commit = time.monotonic()
         finally:
