@@ -363,3 +363,8 @@ def synth_images(out_dir: Path, n: int, *, size: int = 96, seed: int = 0, sketch
 
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr, so stdout holds only the markdown table."""
+    print(msg, file=sys.stderr, flush=True)

@@ -223,7 +223,7 @@ def main(argv=None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = common.log
     result = {"benchmark": "encoders", "command": common.command_line(),
               "machine": common.machine_info(args.threads),
               "settings": {"batches": args.batches, "repeats_max": args.repeats,

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     from stbir_infer.enroll import file_sha256, model_record
     from stbir_infer.searcher import Searcher
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = common.log
     work = Path(tempfile.mkdtemp(prefix="stbir-bench-enroll-", dir=args.workdir))
     try:
         model = args.model

@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     common.pin_threads(args.threads)
     t_start = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = common.log
     faiss_ok = have_faiss() and not args.no_faiss
     result = {"benchmark": "index", "command": common.command_line(),
               "machine": common.machine_info(args.threads), "faiss": faiss_ok,

@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     common.pin_threads(args.threads)
     t_start = time.perf_counter()
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = common.log
     result = {"benchmark": "quantization", "command": common.command_line(),
               "machine": common.machine_info(args.threads)}
     if not (args.checkpoint or args.export):

@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     from stbir_infer import index as _index
     from stbir_infer.searcher import Searcher
 
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = common.log
     work = Path(tempfile.mkdtemp(prefix="stbir-bench-query-", dir=args.workdir))
     try:
         model, index, queries = setup(args, work, log)
