@@ -8,6 +8,7 @@ checkpoint and into the export.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import asdict, dataclass, fields
@@ -174,6 +175,7 @@ class STBIRModel(nn.Module):
         self.arcface = (ArcFaceHead(self.embed_dim, spec.arcface_classes, spec.arcface_scale,
                                     spec.arcface_margin) if spec.arcface_classes else None)
         self.stage = "all"
+        self._input_specs = self._build_input_specs()
 
     # -- branches -----------------------------------------------------------------------------
     def branch_modules(self, branch: str) -> list[nn.Module | nn.Parameter]:
@@ -245,9 +247,10 @@ class STBIRModel(nn.Module):
     # -- what export and the data pipeline need ---------------------------------------------------
     def input_specs(self) -> dict[str, dict]:
         """Preprocessing of each pixel input; the one source for training, export and runtime."""
-        import open_clip
+        return copy.deepcopy(self._input_specs)
 
-        cfg = open_clip.get_model_preprocess_cfg(self.clip)
+    def _build_input_specs(self) -> dict[str, dict]:
+        cfg = _open_clip().get_model_preprocess_cfg(self.clip)
         size = cfg["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
         image = dict(size=int(size), channels=3, mean=[float(v) for v in cfg["mean"]],

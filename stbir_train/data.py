@@ -67,21 +67,16 @@ class SBIRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _photo(self, rel: str, rng, noisy: bool) -> torch.Tensor:
-        img = self.cache.get(rel, 3)
+    def _pixels(self, rel: str, modality: str, rng, noisy: bool) -> torch.Tensor:
+        """Decode (cached), corrupt per the curriculum when training, preprocess.
+        ``modality`` is "photo" or "sketch"."""
+        spec = self.specs["image" if modality == "photo" else "sketch"]
+        img = self.cache.get(rel, spec["channels"])
         if noisy and self.noise is not None:
-            prob, strength = self.noise.params(self.target, self.epoch, "photo")
+            prob, strength = self.noise.params(self.target, self.epoch, modality)
             if rng.random() < prob:
-                img = corrupt_photo(img, strength, rng)
-        return torch.from_numpy(preprocess(img, self.specs["image"]))
-
-    def _sketch(self, rel: str, rng, noisy: bool) -> torch.Tensor:
-        img = self.cache.get(rel, 1)
-        if noisy and self.noise is not None:
-            prob, strength = self.noise.params(self.target, self.epoch, "sketch")
-            if rng.random() < prob:
-                img = corrupt_sketch(img, strength, rng)
-        return torch.from_numpy(preprocess(img, self.specs["sketch"]))
+                img = (corrupt_photo if modality == "photo" else corrupt_sketch)(img, strength, rng)
+        return torch.from_numpy(preprocess(img, spec))
 
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
@@ -90,14 +85,14 @@ class SBIRDataset(Dataset):
         sketches = row["positive_sketches"]
         sketch = sketches[int(rng.integers(len(sketches)))] if self.train else sketches[0]
         item = {
-            "sketch": self._sketch(sketch, rng, noisy),
-            "image": self._photo(row["image"], rng, noisy),
+            "sketch": self._pixels(sketch, "sketch", rng, noisy),
+            "image": self._pixels(row["image"], "photo", rng, noisy),
             "tokens": self.tokens[i],
             "label": torch.tensor(self.labels[i]),
         }
         if self.negatives:
             picks = rng.permutation(len(row["negative_images"]))[: self.negatives]
-            item["neg_images"] = torch.stack([self._photo(row["negative_images"][j], rng, noisy) for j in picks])
-            item["neg_sketches"] = torch.stack([self._sketch(row["negative_sketches"][j], rng, noisy) for j in picks])
+            item["neg_images"] = torch.stack([self._pixels(row["negative_images"][j], "photo", rng, noisy) for j in picks])
+            item["neg_sketches"] = torch.stack([self._pixels(row["negative_sketches"][j], "sketch", rng, noisy) for j in picks])
             item["neg_tokens"] = self.neg_tokens[self._neg_offsets[i] + torch.from_numpy(picks)]
         return item

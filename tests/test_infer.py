@@ -146,8 +146,7 @@ def test_runtime_embeddings_equal_the_torch_model(encoders, torch_model, tmp_pat
 
     rng = np.random.default_rng(3)
     items = [sample_item(rng, f"x{i}") for i in range(6)]
-    photos = make_photos(tmp_path, [f"p{i}.png" for i in range(6)], seed=3)
-    photo_paths = [tmp_path / f"p{i}.png" for i in range(6)]
+    photo_paths = [tmp_path / name for name in make_photos(tmp_path, [f"p{i}.png" for i in range(6)], seed=3)]
     sketches = [render_sketch(it, rng, size=s) for it, s in zip(items, (96, 64, 80, 120, 50, 96))]
     texts = [caption(it, rng) for it in items] + [
         "", "A RED STAR!!", " ".join(["very long caption"] * 30), "caf\u00e9 &amp; \U0001F600 \u6f22\u5b57"]
