@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     from stbir_infer import index as _index
     from stbir_infer import preprocess as _pre
     from stbir_infer.encoders import Encoders
-    from stbir_infer.enroll import file_sha256, model_record
+    from stbir_infer.contract import file_sha256
     from stbir_infer.searcher import Searcher
 
     log = common.log
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
         vectors = encode_all()  # warm-up (session creation)
         t_pure = median_time(encode_all, args.repeats)
 
-        record = model_record(enc)
+        record = enc.model_record()
         hashes = [f"{i:064x}" for i in range(n)]
         state = {}
 

@@ -16,22 +16,20 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from stbir_infer import preprocess as _pre
+from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, GRAPH_OUTPUT, MANIFEST,
+                                  QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING)
 from stbir_infer.errors import ExportDirError, QueryError
 from stbir_infer.tokenizer import Tokenizer
-
-EXPORT_FORMAT = "stbir-export"
-SUPPORTED_VERSIONS = (1,)
-BRANCHES = ("sketch", "image", "text")
 
 
 def read_manifest(model_dir: str | Path) -> dict:
     """Load and check export.json; raise ExportDirError naming what is wrong."""
     model_dir = Path(model_dir)
-    path = model_dir / "export.json"
+    path = model_dir / MANIFEST
     if not model_dir.is_dir():
         raise ExportDirError(f"{model_dir}: model dir not found (pass --model or set STBIR_MODEL)")
     if not path.is_file():
-        raise ExportDirError(f"{model_dir}: not an STBIR export dir (no export.json)")
+        raise ExportDirError(f"{model_dir}: not an STBIR export dir (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -39,9 +37,9 @@ def read_manifest(model_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise ExportDirError(f"{path}: not an STBIR export manifest (format is not {EXPORT_FORMAT!r})")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
+    if version not in SUPPORTED_EXPORT_VERSIONS:
         raise ExportDirError(f"{path}: export format version {version} is not supported "
-                             f"(this runtime reads {', '.join(map(str, SUPPORTED_VERSIONS))})")
+                             f"(this runtime reads {', '.join(map(str, SUPPORTED_EXPORT_VERSIONS))})")
     for key in ("embed_dim", "fusion_weight", "encoders", "tokenizer", "fingerprint"):
         if key not in manifest:
             raise ExportDirError(f"{path}: missing key {key!r}")
@@ -53,7 +51,7 @@ def read_manifest(model_dir: str | Path) -> dict:
             raise ExportDirError(f"{path}: encoders.{branch}.preprocess is missing")
         if not (model_dir / enc["file"]).is_file():
             raise ExportDirError(f"{model_dir}: {enc['file']} is missing")
-    if not (model_dir / manifest["encoders"]["text"].get("token_embedding", "token_embedding.npy")).is_file():
+    if not (model_dir / manifest["encoders"]["text"].get("token_embedding", TOKEN_EMBEDDING)).is_file():
         raise ExportDirError(f"{model_dir}: token embedding table is missing")
     return manifest
 
@@ -66,7 +64,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 def fuse(sketch: np.ndarray | None, text: np.ndarray | None, weight: float) -> np.ndarray:
     """Sketch+text query vector: normalize(w * s + (1 - w) * t); either half alone is the query."""
     if sketch is None and text is None:
-        raise QueryError("a query needs a sketch, a text or both")
+        raise QueryError(QUERY_NEEDS_INPUT)
     if sketch is None:
         return np.asarray(text, np.float32)
     if text is None:
@@ -123,6 +121,11 @@ class Encoders:
                 "fusion_weight": self.fusion_weight, "opset": m.get("opset"),
                 "precision": self.precision, "format_version": m.get("format_version")}
 
+    def model_record(self) -> dict:
+        """What an index records about the export that built it (to refuse another one)."""
+        d = self.describe()
+        return {k: d[k] for k in ("fingerprint", "clip_model", "embed_dim", "model_dir", "opset")}
+
     def verify_files(self) -> list[str]:
         """Files whose sha256 differs from export.json's record (empty list: all intact)."""
         bad = []
@@ -171,7 +174,7 @@ class Encoders:
     def _run(self, branch: str, feeds: dict) -> np.ndarray:
         enc = self.manifest["encoders"][branch]
         sess = self.session(branch)
-        out = sess.run([enc.get("output", "embedding")], feeds)[0]
+        out = sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0]
         return np.asarray(out, np.float32)
 
     # -- encoders --------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ class Encoders:
     @property
     def token_table(self) -> np.ndarray:
         if self._table is None:
-            rel = self.manifest["encoders"]["text"].get("token_embedding", "token_embedding.npy")
+            rel = self.manifest["encoders"]["text"].get("token_embedding", TOKEN_EMBEDDING)
             try:
                 table = np.load(self.model_dir / rel, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
@@ -242,7 +245,7 @@ class Encoders:
     def query_vector(self, sketch=None, text: str | None = None) -> np.ndarray:
         """One query [D]: a sketch (path / PIL image), a text, or both fused with the export's weight."""
         if sketch is None and (text is None or not str(text).strip()):
-            raise QueryError("a query needs a sketch, a text or both")
+            raise QueryError(QUERY_NEEDS_INPUT)
         s = self.sketch([sketch])[0] if sketch is not None else None
         t = self.text([text])[0] if text is not None and str(text).strip() else None
         return self.fuse(s, t)

@@ -100,7 +100,7 @@ def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
                    threads: int | None = None) -> tuple[_index.GalleryIndex, bool]:
     """The live index (checked against the export and the requested params), or a new one;
     the flag says whether it differs from what is on disk (new, or a new ef_search)."""
-    model = model_record(encoders)
+    model = encoders.model_record()
     if _index.exists(index_dir):
         idx = _index.GalleryIndex.load(index_dir, threads=threads)
         idx.check_model(model, index_dir)
@@ -122,11 +122,6 @@ def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
     if threads:
         idx.hnsw.set_num_threads(int(threads))
     return idx, True
-
-
-def model_record(encoders: Encoders) -> dict:
-    d = encoders.describe()
-    return {k: d[k] for k in ("fingerprint", "clip_model", "embed_dim", "model_dir", "opset")}
 
 
 def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,

@@ -17,7 +17,7 @@ import numpy as np
 
 from stbir_infer import index as _index
 from stbir_infer.encoders import Encoders
-from stbir_infer.enroll import EnrollReport, enroll, model_record
+from stbir_infer.enroll import EnrollReport, enroll
 from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, ParameterError, QueryError
 
 
@@ -83,7 +83,7 @@ class Searcher:
             with self._lock:
                 if stamp != self._stamp or self._index is None:
                     idx = _index.GalleryIndex.load(self.index_dir, threads=self.threads)
-                    idx.check_model(model_record(self.encoders), self.index_dir)
+                    idx.check_model(self.encoders.model_record(), self.index_dir)
                     self._index, self._stamp = idx, stamp
         return self._index
 
