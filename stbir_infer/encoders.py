@@ -3,14 +3,24 @@
 Reads only the export dir (export.json + the ONNX graphs + token table + tokenizer assets).
 Each graph gets its own onnxruntime session, created on first use, so a text-only caller never
 loads the image towers.
+
+Integrity: every file the runtime reads from the export dir (graphs, token table, tokenizer merges)
+must be listed in export.json's ``files`` map, lie inside the export dir, and have exactly the
+recorded sha256. The bytes are read once, hashed, and those same bytes are handed to onnxruntime /
+numpy / gzip, so nothing parses an unverified file and nothing can swap it between check and use.
+Every encoder output is checked to be finite (NonFiniteEmbeddingError otherwise).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
+import re
+import stat
 import threading
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -18,8 +28,66 @@ import numpy as np
 from stbir_infer import preprocess as _pre
 from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, GRAPH_OUTPUT, MANIFEST,
                                   QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING)
-from stbir_infer.errors import ExportDirError, QueryError
-from stbir_infer.tokenizer import Tokenizer
+from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError
+from stbir_infer.tokenizer import DEFAULT_BPE_FILE, Tokenizer
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+TAMPERED = "sha256 does not match export.json; the export is corrupted or was modified"
+
+
+def export_path(model_dir: str | Path, rel) -> Path:
+    """``model_dir / rel`` for a file name taken from export.json; ExportDirError when the name is
+    absolute, climbs out with ``..``, or resolves (through a symlink) outside the export dir."""
+    model_dir = Path(model_dir)
+    where = model_dir / MANIFEST
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        raise ExportDirError(f"{where}: file name {rel!r} is not a relative path")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ExportDirError(f"{where}: file name {rel!r} leaves the export folder")
+    path = model_dir.joinpath(*pure.parts)
+    try:
+        path.resolve().relative_to(model_dir.resolve())
+    except ValueError:
+        raise ExportDirError(f"{where}: file {rel!r} resolves outside the export folder") from None
+    return path
+
+
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, sha256) of files verified by this process.
+_VERIFIED: set[tuple] = set()
+
+
+def _stat_key(st: os.stat_result, digest: str) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+
+
+def _npy_from_bytes(data: bytes) -> np.ndarray:
+    """A read-only array over ``data`` (a .npy file), without copying; never unpickles."""
+    fmt = np.lib.format
+    buf = io.BytesIO(data)
+    version = fmt.read_magic(buf)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy version {version}")
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickled data) are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    if buf.tell() + count * dtype.itemsize != len(data):
+        raise ValueError("file size does not match the header")
+    arr = np.frombuffer(data, dtype, count, offset=buf.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def _required_files(manifest: dict, precision: str = "fp32") -> list[str]:
+    """The export.json file names the runtime reads at this precision."""
+    enc = manifest["encoders"]
+    key = "int8_file" if precision == "int8" else "file"
+    names = [enc[b][key] for b in BRANCHES if enc[b].get(key)]
+    names.append(enc["text"].get("token_embedding", TOKEN_EMBEDDING))
+    tok = manifest.get("tokenizer")
+    names.append((tok if isinstance(tok, dict) else {}).get("bpe_file", DEFAULT_BPE_FILE))
+    return names
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -40,19 +108,32 @@ def read_manifest(model_dir: str | Path) -> dict:
     if version not in SUPPORTED_EXPORT_VERSIONS:
         raise ExportDirError(f"{path}: export format version {version} is not supported "
                              f"(this runtime reads {', '.join(map(str, SUPPORTED_EXPORT_VERSIONS))})")
-    for key in ("embed_dim", "fusion_weight", "encoders", "tokenizer", "fingerprint"):
+    for key in ("embed_dim", "fusion_weight", "encoders", "tokenizer", "fingerprint", "files"):
         if key not in manifest:
             raise ExportDirError(f"{path}: missing key {key!r}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+            isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()):
+        raise ExportDirError(f"{path}: files is not a map of file name to sha256")
+    if not isinstance(manifest["encoders"], dict):
+        raise ExportDirError(f"{path}: encoders is not a map")
+    for rel in files:
+        export_path(model_dir, rel)
     for branch in BRANCHES:
         enc = manifest["encoders"].get(branch)
         if not isinstance(enc, dict) or "file" not in enc or "inputs" not in enc:
             raise ExportDirError(f"{path}: encoders.{branch} is missing or incomplete")
         if branch != "text" and "preprocess" not in enc:
             raise ExportDirError(f"{path}: encoders.{branch}.preprocess is missing")
-        if not (model_dir / enc["file"]).is_file():
+        if not export_path(model_dir, enc["file"]).is_file():
             raise ExportDirError(f"{model_dir}: {enc['file']} is missing")
-    if not (model_dir / manifest["encoders"]["text"].get("token_embedding", TOKEN_EMBEDDING)).is_file():
+    if not export_path(model_dir, manifest["encoders"]["text"].get("token_embedding",
+                                                                  TOKEN_EMBEDDING)).is_file():
         raise ExportDirError(f"{model_dir}: token embedding table is missing")
+    for rel in _required_files(manifest):
+        export_path(model_dir, rel)
+        if rel not in files:
+            raise ExportDirError(f"{path}: {rel} is not listed in files (no sha256 to verify it)")
     return manifest
 
 
@@ -97,9 +178,13 @@ class Encoders:
         if precision == "int8":
             for branch in BRANCHES:
                 f = self.manifest["encoders"][branch].get("int8_file")
-                if not f or not (self.model_dir / f).is_file():
+                if not f or not export_path(self.model_dir, f).is_file():
                     raise ExportDirError(f"{self.model_dir}: no int8 graph for the {branch} encoder "
                                          "(export with --quantize int8)")
+            for rel in _required_files(self.manifest, "int8"):
+                if rel not in self.manifest["files"]:
+                    raise ExportDirError(f"{self.model_dir / MANIFEST}: {rel} is not listed in "
+                                         "files (no sha256 to verify it)")
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
         self._tokenizer: Tokenizer | None = None
@@ -127,20 +212,61 @@ class Encoders:
         return {k: d[k] for k in ("fingerprint", "clip_model", "embed_dim", "model_dir", "opset")}
 
     def verify_files(self) -> list[str]:
-        """Files whose sha256 differs from export.json's record (empty list: all intact)."""
+        """export.json's files that are missing, not regular files, or whose sha256 differs from
+        the record (empty list: all intact). Reads every file; ``verify`` raises instead."""
         bad = []
-        for rel, digest in (self.manifest.get("files") or {}).items():
-            p = self.model_dir / rel
-            if not p.is_file():
+        for rel, digest in self.manifest["files"].items():
+            p = export_path(self.model_dir, rel)
+            try:
+                with open(p, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        raise OSError("not a regular file")
+                    h = hashlib.sha256()
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except OSError:
                 bad.append(rel)
                 continue
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
             if h.hexdigest() != digest:
                 bad.append(rel)
         return bad
+
+    def verify(self) -> dict:
+        """Check every file export.json lists against its sha256 (``stbir-infer info --verify``).
+        Returns {"files": count, "bytes": total size}; raises ExportDirError naming the bad ones."""
+        bad = self.verify_files()
+        if bad:
+            raise ExportDirError(f"{self.model_dir}: {', '.join(bad)}: missing, or {TAMPERED}")
+        files = self.manifest["files"]
+        return {"files": len(files),
+                "bytes": sum(export_path(self.model_dir, r).stat().st_size for r in files)}
+
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of export.json's file ``rel``, after checking them against its sha256.
+
+        A file this process has already verified (same device, inode, size, mtime and ctime,
+        taken from the open descriptor; ctime cannot be set back by a writer) is not hashed
+        again, so a second Encoders on the same export costs no hashing."""
+        path = export_path(self.model_dir, rel)
+        digest = self.manifest["files"].get(rel)
+        if digest is None:
+            raise ExportDirError(f"{path}: not listed in export.json's files (no sha256 to verify it)")
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ExportDirError(f"{path}: not a regular file")
+                data = f.read()
+                key = _stat_key(st, digest)
+                fresh = (key in _VERIFIED and len(data) == st.st_size
+                         and _stat_key(os.fstat(f.fileno()), digest) == key)
+        except OSError as exc:
+            raise ExportDirError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        if not fresh:
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ExportDirError(f"{path}: {TAMPERED}")
+            _VERIFIED.add(key)
+        return data
 
     # -- sessions --------------------------------------------------------------------------------
     def session(self, branch: str):
@@ -150,23 +276,26 @@ class Encoders:
                 sess = self._sessions[branch] = self._open(branch)
             return sess
 
+    def _graph_name(self, branch: str) -> str:
+        enc = self.manifest["encoders"][branch]
+        return enc["int8_file"] if self.precision == "int8" else enc["file"]
+
     def graph_file(self, branch: str) -> Path:
         """The ONNX file this object runs for ``branch`` (the int8 one under precision int8)."""
-        enc = self.manifest["encoders"][branch]
-        return self.model_dir / (enc["int8_file"] if self.precision == "int8" else enc["file"])
+        return export_path(self.model_dir, self._graph_name(branch))
 
     def _open(self, branch: str):
         import onnxruntime as ort
 
         path = self.graph_file(branch)
+        data = self.read_verified(self._graph_name(branch))  # checked bytes, never re-read
         opts = ort.SessionOptions()
         if self.threads:
             opts.intra_op_num_threads = int(self.threads)
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
-            return ort.InferenceSession(str(path), sess_options=opts,
-                                        providers=self.providers)
+            return ort.InferenceSession(data, sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportDirError(f"{path}: onnxruntime cannot load it "
                                  f"({str(exc).splitlines()[0][:200]})") from None
@@ -174,8 +303,18 @@ class Encoders:
     def _run(self, branch: str, feeds: dict) -> np.ndarray:
         enc = self.manifest["encoders"][branch]
         sess = self.session(branch)
-        out = sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0]
-        return np.asarray(out, np.float32)
+        out = np.asarray(sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0], np.float32)
+        batch = len(next(iter(feeds.values())))
+        if out.shape != (batch, self.embed_dim):
+            raise ExportDirError(f"{self.graph_file(branch)}: output shape {out.shape}, expected "
+                                 f"({batch}, {self.embed_dim})")
+        finite = np.isfinite(out).all(axis=1)
+        if not finite.all():
+            rows = np.flatnonzero(~finite).tolist()
+            raise NonFiniteEmbeddingError(
+                f"the {branch} encoder ({self.graph_file(branch).name}) gave NaN or Inf for "
+                f"{len(rows)} of {batch} input(s)", branch=branch, rows=rows, vectors=out)
+        return out
 
     # -- encoders --------------------------------------------------------------------------------
     def encode_pixels(self, branch: str, pixels: np.ndarray) -> np.ndarray:
@@ -208,7 +347,8 @@ class Encoders:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_export(self.model_dir, self.manifest["tokenizer"])
+            self._tokenizer = Tokenizer.from_export(self.model_dir, self.manifest["tokenizer"],
+                                                    read=self.read_verified)
         return self._tokenizer
 
     @property
@@ -216,9 +356,12 @@ class Encoders:
         if self._table is None:
             rel = self.manifest["encoders"]["text"].get("token_embedding", TOKEN_EMBEDDING)
             try:
-                table = np.load(self.model_dir / rel, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise ExportDirError(f"{self.model_dir / rel}: not a readable .npy table ({exc})") from None
+                table = _npy_from_bytes(self.read_verified(rel))
+            except (OSError, ValueError, EOFError) as exc:
+                raise ExportDirError(f"{self.model_dir / rel}: not a readable .npy table "
+                                     f"({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
+            if not isinstance(table, np.ndarray) or table.dtype.kind != "f":
+                raise ExportDirError(f"{self.model_dir / rel}: not a float .npy table")
             if table.ndim != 2 or table.shape[0] < self.tokenizer.vocab_size:
                 raise ExportDirError(f"{self.model_dir / rel}: table shape {table.shape} does not fit "
                                      f"the tokenizer's {self.tokenizer.vocab_size} tokens")

@@ -1,8 +1,9 @@
-"""Exceptions of the runtime. The CLI turns them into one line on stderr and an exit status."""
+"""Exceptions of the runtime. The CLI turns them into one line on stderr and an exit status.
+
+This module imports nothing of ours, so every other module can import it without a cycle.
+"""
 
 from __future__ import annotations
-
-from stbir_infer.preprocess import ImageDecodeError
 
 
 class StbirInferError(Exception):
@@ -48,8 +49,27 @@ class EnrollError(StbirInferError):
     """An enroll that cannot start (missing images dir, bad batch size...)."""
 
 
+class ImageDecodeError(StbirInferError, ValueError):
+    """A file that is not a readable image, or one too large to decode within the runtime's bounds
+    (``stbir_infer.preprocess.MAX_PIXELS``). Still a ValueError, as it was before it joined this
+    family."""
+
+
+class NonFiniteEmbeddingError(QueryError):
+    """An encoder output holds NaN or Inf. ``branch`` names the encoder, ``rows`` the batch rows
+    that are not finite, ``vectors`` the whole output (so a batch caller such as enroll can keep
+    the finite rows and skip the others). A QueryError, so a query that hits it fails with exit 2."""
+
+    def __init__(self, message: str, *, branch: str = "", rows: list[int] | None = None,
+                 vectors=None):
+        super().__init__(message)
+        self.branch = branch
+        self.rows = list(rows or [])
+        self.vectors = vectors
+
+
 __all__ = [
     "EnrollError", "ExportDirError", "ImageDecodeError", "IndexFormatError", "IndexLockedError",
-    "IndexNotFoundError", "ModelMismatchError", "ParameterError", "QueryError", "StbirInferError",
-    "TokenizerError",
+    "IndexNotFoundError", "ModelMismatchError", "NonFiniteEmbeddingError", "ParameterError",
+    "QueryError", "StbirInferError", "TokenizerError",
 ]

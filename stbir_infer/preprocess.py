@@ -7,6 +7,24 @@ An *input spec* is a plain dict (it is written into ``export.json``)::
 
 Resize the shortest side to ``size`` (PIL, so it matches open_clip's torchvision ``Resize`` on PIL
 images), centre-crop to ``size`` x ``size``, scale to [0, 1], normalise per channel.
+
+Bounded work per image (sketches, photos, the web API and enroll all come through here):
+
+* the size is read from the file's header before any pixel is decoded; more than ``MAX_PIXELS``
+  decoded pixels is an ImageDecodeError (PIL's own decompression-bomb limit, checked when the
+  header is read, is one too);
+* ``load`` decodes a JPEG whose short side is at least ``DRAFT_FACTOR`` x the target size at a
+  reduced DCT scale (1/2, 1/4 or 1/8; the short side stays >= 2 x the target, so the bicubic
+  downscale still has twice the pixels it needs). That changes pixels slightly against a full
+  decode, so it is only done there: training, the parity tests and every image under
+  4 x the target decode in full, as before;
+* an image more elongated than ``MAX_INTERMEDIATE`` allows (short side scaled to ``size``, long
+  side over ``MAX_INTERMEDIATE`` x ``size``) is resized straight into the centre crop (PIL's
+  ``box``): the same crop of the same picture, never the huge intermediate (a 1 x 100000 PNG
+  would otherwise need 64 x 6,400,000 pixels). No aspect ratio is refused: any image has a
+  well-defined centre crop, and this path costs ``size``^2 whatever the shape. Images at most
+  that elongated keep the exact resize-then-crop of before (the box path rounds a few pixels
+  one level differently, and parity with open_clip is tested to 1e-4).
 """
 
 from __future__ import annotations
@@ -14,7 +32,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
+
+from stbir_infer.errors import ImageDecodeError
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -22,36 +42,87 @@ _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
 }
 
+# 50 MP: a 50 MP phone photo or an 8192 x 6144 scan decodes (about 150 MB as RGB, a few times
+# that at peak through the alpha / mode conversions); anything larger is refused unless it is a
+# JPEG that ``load`` can decode at a reduced scale (a 100 MP camera JPEG decodes at 1/8 then).
+MAX_PIXELS = 50_000_000
+# Long side / short side above which the resize goes straight into the crop (see above).
+MAX_INTERMEDIATE = 8
+DRAFT_FACTOR = 4
 
-class ImageDecodeError(ValueError):
-    """A file that is not a readable image."""
+__all__ = ["DRAFT_FACTOR", "ImageDecodeError", "MAX_INTERMEDIATE", "MAX_PIXELS", "load",
+           "open_image", "preprocess"]
 
 
-def open_image(source: str | Path | Image.Image, channels: int) -> Image.Image:
+def _label(source) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    name = getattr(source, "name", None)
+    return str(name) if isinstance(name, (str, Path)) else f"<{type(source).__name__}>"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
+def _check_pixels(img: Image.Image, label: str) -> None:
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{label}: image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ImageDecodeError(f"{label}: {w}x{h} is {w * h / 1e6:.0f} megapixels, more than the "
+                               f"{MAX_PIXELS / 1e6:.0f} this runtime decodes")
+
+
+def _draft(img: Image.Image, target: int | None) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when it is >= DRAFT_FACTOR x the target."""
+    if not target or img.format not in ("JPEG", "MPO") or min(img.size) < DRAFT_FACTOR * int(target):
+        return
+    want = 2 * int(target)
+    img.draft(None, (want, want))  # the largest scale that keeps both sides >= want
+
+
+def open_image(source: str | Path | Image.Image, channels: int, *,
+               target: int | None = None) -> Image.Image:
     """Decode to an 8-bit RGB (channels=3) or L (channels=1) image, upright per its EXIF tag.
 
-    Transparency is flattened onto white (a sketch drawn on a transparent canvas is black on
-    white, like the training sketches); 16-bit and float images are scaled to 8 bits.
+    ``source``: a path, a file-like object (e.g. BytesIO) or a PIL image. Transparency is
+    flattened onto white (a sketch drawn on a transparent canvas is black on white, like the
+    training sketches); 16-bit and float images are scaled to 8 bits. ``target`` (the size the
+    image will be resized to; ``load`` passes it) lets a large JPEG decode at reduced scale.
+    Raises ImageDecodeError (one line) for an unreadable, truncated or oversized image.
     """
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        try:
-            img = Image.open(source)
-            img.load()
-        except Exception as exc:  # PIL raises several types for a bad file
-            raise ImageDecodeError(f"{source}: not a readable image ({exc})") from None
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    return img.convert("L" if channels == 1 else "RGB")
+    label = _label(source)
+    try:
+        if isinstance(source, Image.Image):
+            img = source
+            if isinstance(img, ImageFile.ImageFile) and img.tile:  # opened, not yet decoded
+                _check_pixels(img, label)
+        else:
+            img = Image.open(source)  # reads the header only
+            _draft(img, target)
+            _check_pixels(img, label)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.asarray(img, np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img.convert("RGBA"))
+        return img.convert("L" if channels == 1 else "RGB")
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{label}: refused, too many pixels ({_one_line(exc)})") from None
+    except MemoryError:
+        raise ImageDecodeError(f"{label}: not enough memory to decode it") from None
+    except Exception as exc:  # PIL raises several types for a bad or truncated file
+        raise ImageDecodeError(f"{label}: not a readable image ({_one_line(exc)})") from None
 
 
 def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
@@ -62,11 +133,18 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
         raise ValueError(f"unsupported resize_mode {spec['resize_mode']!r}")
     # torchvision's Resize(int) rounds the long side down; do the same so crops line up.
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), _RESAMPLE[spec.get("interpolation", "bicubic")])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
+    if max(new_w, new_h) > MAX_INTERMEDIATE * size:
+        # Resize only the part of the picture the centre crop keeps (in source coordinates).
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        img = img.resize((size, size), resample, box=box)
+    else:
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, np.float32) / 255.0
     if arr.ndim == 2:
         arr = arr[None]
@@ -78,5 +156,5 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
 
 
 def load(source: str | Path | Image.Image, spec: dict) -> np.ndarray:
-    """Decode and preprocess in one call."""
-    return preprocess(open_image(source, int(spec["channels"])), spec)
+    """Decode and preprocess in one call (a large JPEG decodes at reduced scale, see above)."""
+    return preprocess(open_image(source, int(spec["channels"]), target=int(spec["size"])), spec)

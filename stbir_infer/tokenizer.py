@@ -11,8 +11,10 @@ from __future__ import annotations
 import gzip
 import html
 import string
+import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import ftfy
 import numpy as np
@@ -21,6 +23,7 @@ import regex as re
 from stbir_infer.errors import TokenizerError
 
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+DEFAULT_BPE_FILE = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
 
 
 @lru_cache()
@@ -66,21 +69,26 @@ CLEAN_FNS = {
 class Tokenizer:
     """Text -> int64 token ids [B, context_length], exactly as open_clip's SimpleTokenizer.
 
-    ``bpe_path`` is the gzipped merges file (``bpe_simple_vocab_16e6.txt.gz``).
+    ``bpe_path`` is the gzipped merges file (``bpe_simple_vocab_16e6.txt.gz``), or its bytes.
     """
 
-    def __init__(self, bpe_path: str | Path, *, context_length: int = 77, clean: str = "lower",
+    def __init__(self, bpe_path: str | Path | bytes, *, context_length: int = 77, clean: str = "lower",
                  additional_special_tokens: list[str] | None = None, num_merges: int | None = None,
                  cache_size: int = 65536):
         if clean not in CLEAN_FNS:
             raise TokenizerError(f"tokenizer clean {clean!r} is not one of {', '.join(CLEAN_FNS)}")
         if not context_length or int(context_length) < 2:
             raise TokenizerError(f"tokenizer context_length {context_length!r} is not valid")
+        label = "BPE merges" if isinstance(bpe_path, (bytes, bytearray)) else bpe_path
         try:
-            with gzip.open(bpe_path) as f:
-                lines = f.read().decode("utf-8").split("\n")
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise TokenizerError(f"{bpe_path}: not a readable BPE merges file ({exc})") from None
+            if isinstance(bpe_path, (bytes, bytearray)):
+                raw = gzip.decompress(bytes(bpe_path))
+            else:
+                with gzip.open(bpe_path) as f:
+                    raw = f.read()
+            lines = raw.decode("utf-8").split("\n")
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+            raise TokenizerError(f"{label}: not a readable BPE merges file ({exc})") from None
         # open_clip keeps merges[1 : 49152 - 256 - 2 + 1] (line 0 is a version header).
         end = 49152 - 256 - 2 + 1 if num_merges is None else 1 + int(num_merges)
         merges = [tuple(m.split()) for m in lines[1:end]]
@@ -110,8 +118,12 @@ class Tokenizer:
         self._bpe_cached = lru_cache(maxsize=cache_size)(self._bpe)
 
     @classmethod
-    def from_export(cls, export_dir: str | Path, cfg: dict) -> "Tokenizer":
-        """Build from the ``tokenizer`` section of export.json (paths relative to the export dir)."""
+    def from_export(cls, export_dir: str | Path, cfg: dict,
+                    read: Callable[[str], bytes] | None = None) -> "Tokenizer":
+        """Build from the ``tokenizer`` section of export.json (paths relative to the export dir).
+
+        ``read(name)``, when given, returns the file's bytes after verifying them (``Encoders``
+        passes its sha256-checked reader); the merges are then parsed from those bytes."""
         kind = cfg.get("type", "clip_bpe")
         if kind != "clip_bpe":
             raise TokenizerError(f"tokenizer type {kind!r} is not supported (only clip_bpe)")
@@ -122,10 +134,12 @@ class Tokenizer:
             if cfg.get(key, supported) != supported:
                 raise TokenizerError(f"tokenizer {key} {cfg[key]!r} is not supported "
                                      f"(this runtime does {supported!r})")
-        bpe = Path(export_dir) / cfg.get("bpe_file", "tokenizer/bpe_simple_vocab_16e6.txt.gz")
+        rel = cfg.get("bpe_file", DEFAULT_BPE_FILE)
+        bpe = Path(export_dir) / rel
         if not bpe.is_file():
             raise TokenizerError(f"{bpe}: tokenizer merges file missing from the export dir")
-        tok = cls(bpe, context_length=cfg.get("context_length") or 77, clean=cfg.get("clean", "lower"),
+        tok = cls(bpe if read is None else read(rel),
+                  context_length=cfg.get("context_length") or 77, clean=cfg.get("clean", "lower"),
                   additional_special_tokens=cfg.get("additional_special_tokens"),
                   num_merges=cfg.get("num_merges"))
         for key, have in (("sot_token_id", tok.sot_token_id), ("eot_token_id", tok.eot_token_id),
