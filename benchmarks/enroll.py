@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     import numpy as np
 
-    from stbir_infer import index as _index
+    from stbir_infer import gallery as _gallery
     from stbir_infer import preprocess as _pre
     from stbir_infer.encoders import Encoders
     from stbir_infer.contract import file_sha256
@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         state = {}
 
         def add_all():
-            idx = _index.GalleryIndex.create(dim=enc.embed_dim, model=record)
+            idx = _gallery.GalleryIndex.create(dim=enc.embed_dim, model=record)
             idx.hnsw.set_num_threads(args.threads)
             for i in range(0, n, bs):
                 idx.add_vectors(vectors[i:i + bs], hashes[i:i + bs])

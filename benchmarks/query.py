@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     common.pin_threads(args.threads)
     t_start = time.perf_counter()
-    from stbir_infer import index as _index
+    from stbir_infer import gallery as _gallery
     from stbir_infer.searcher import Searcher
 
     log = common.log
@@ -260,7 +260,7 @@ def main(argv=None) -> dict:
                                "warmup": args.warmup, "top_k": TOP_K, "quick": args.quick,
                                "cold_runs": args.cold_runs},
                   "modes": []}
-        gidx = _index.GalleryIndex.load(index, threads=args.threads)
+        gidx = _gallery.GalleryIndex.load(index, threads=args.threads)
         result["gallery_size"] = len(gidx)
         for precision in args.precisions:
             searcher = Searcher(model, index, threads=args.threads, precision=precision)

@@ -19,7 +19,7 @@ _EXPORTS = {
     "EnrollReport": "stbir_infer.enroll",
     "Encoders": "stbir_infer.encoders",
     "Tokenizer": "stbir_infer.tokenizer",
-    "HnswParams": "stbir_infer.index",
+    "HnswParams": "stbir_infer.gallery",
     "StbirInferError": "stbir_infer.errors",
     "ExportDirError": "stbir_infer.errors",
     "TokenizerError": "stbir_infer.errors",

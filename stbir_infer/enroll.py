@@ -3,26 +3,46 @@
 Unchanged files (same size and mtime, or same content) are not encoded again; a file whose
 content is already in the index (a duplicate) is not encoded at all; files that are gone from the
 folder leave the index; unreadable and non-image files are skipped and counted.
+
+An enroll runs in named, timed phases (``EnrollReport.timings``)::
+
+    open          take the writer lock, clean a crashed writer's leftovers, load or create
+    scan          walk the folder; sort files into unchanged / known non-image / to examine
+    drop_missing  files gone from the folder leave the index (not those under a folder that
+                  could not be listed: they are kept, and the folder is reported)
+    hash          read and hash what changed; group by content, so each content is encoded once
+    decode        read each new content's bytes once, check they still hash to the group's sha256,
+                  decode those same bytes (a thread pool decodes the next batch while this one
+                  encodes; this is the time the encoder waited for it)
+    encode        the image graph, plus adding vectors and file records to the gallery
+    commit        writing generations (checkpoints while encoding, then the final one)
+
+Symbolic links whose target lies outside the images dir are not indexed (nor are such directory
+links walked) unless ``follow_external_links`` is set; they are reported as skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import os
-import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from stbir_infer import index as _index
 from stbir_infer import preprocess as _pre
+from stbir_infer import store
 from stbir_infer.encoders import Encoders
 from stbir_infer.errors import EnrollError, ParameterError
+from stbir_infer.gallery import GalleryIndex, HnswParams
+from stbir_infer.scan import ScanResult, hash_file, read_if_sha, scan_tree
+
+PHASES = ("open", "scan", "drop_missing", "hash", "decode", "encode", "commit")
+CHANGED = "changed while enrolling (enroll again)"
 
 
 @dataclass
@@ -35,8 +55,12 @@ class EnrollReport:
     unchanged  files already indexed with the same content
     duplicates of the added/updated files, those whose content was already indexed or appeared
                earlier in this run, so they were not encoded again
-    skipped    files not in the index: unreadable or not images (see ``skipped_files``)
+    skipped    files not in the index: unreadable, not images, links leaving the images dir, and
+               folders that could not be listed (see ``skipped_files``)
     encoded    images run through the image encoder
+    timings    seconds per phase (see the module docstring)
+    Paths are as the file system gives them (``os.fsdecode``); ``to_dict`` shows them with
+    ``paths.display``.
     """
 
     added: int = 0
@@ -49,12 +73,21 @@ class EnrollReport:
     total: int = 0  # distinct images in the index afterwards
     seconds: float = 0.0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    def skip(self, path: str, reason: str) -> None:
+        self.skipped += 1
+        self.skipped_files.append((path, reason))
 
     def to_dict(self) -> dict:
+        from stbir_infer.paths import display
+
         d = {k: getattr(self, k) for k in ("added", "updated", "removed", "unchanged", "duplicates",
                                            "skipped", "encoded", "total")}
         d["seconds"] = round(self.seconds, 3)
-        d["skipped_files"] = [{"path": p, "reason": r} for p, r in self.skipped_files]
+        d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        d["skipped_files"] = [{"path": display(p), "reason": display(r)}
+                              for p, r in self.skipped_files]
         return d
 
     def summary(self) -> str:
@@ -63,71 +96,46 @@ class EnrollReport:
                 f"{self.encoded} encoded; {self.total} images in the index")
 
 
-def iter_files(root: Path, exclude: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
-    """Regular files under ``root`` (recursively, sorted, not following directory links,
-    skipping hidden names and ``exclude``), as (absolute path, stat)."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
-            if exclude is not None and Path(dirpath, d).resolve() == exclude:
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            path = os.path.join(dirpath, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # a dangling link: nothing to index
-            if stat.S_ISREG(st.st_mode):
-                yield path, st
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class _Candidate:
+    path: str
+    size: int
+    mtime_ns: int
+    was_indexed: bool
 
 
 def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
                    ef_construction: int | None = None, ef_search: int | None = None,
-                   threads: int | None = None) -> tuple[_index.GalleryIndex, bool]:
-    """The live index (checked against the export and the requested params), or a new one;
-    the flag says whether it differs from what is on disk (new, or a new ef_search)."""
+                   threads: int | None = None) -> GalleryIndex:
+    """The live index (checked against the export and the requested params), or a new one.
+    ``unsaved`` is non-zero where it differs from what is on disk (new, new ef_search, or an
+    older format that the next commit upgrades)."""
     model = encoders.model_record()
-    if _index.exists(index_dir):
-        idx = _index.GalleryIndex.load(index_dir, threads=threads)
+    if store.exists(index_dir):
+        idx = GalleryIndex.load(index_dir, threads=threads)
         idx.check_model(model, index_dir)
         for name, want in (("M", M), ("ef_construction", ef_construction)):
             have = getattr(idx.params, name)
             if want is not None and int(want) != have:
                 raise ParameterError(f"{index_dir}: index was built with {name}={have}; it cannot "
                                      f"change on an existing index (enroll into a new --index)")
-        if ef_search is not None and int(ef_search) != idx.params.ef_search:
-            idx.params = _index.HnswParams(idx.params.M, idx.params.ef_construction, int(ef_search))
-            idx.hnsw.set_ef(idx.params.ef_search)
-            return idx, True
-        return idx, False
-    defaults = _index.HnswParams()
-    params = _index.HnswParams(M=defaults.M if M is None else M,
-                               ef_construction=defaults.ef_construction if ef_construction is None else ef_construction,
-                               ef_search=defaults.ef_search if ef_search is None else ef_search)
-    idx = _index.GalleryIndex.create(dim=encoders.embed_dim, model=model, params=params)
+        if ef_search is not None:
+            idx.set_ef_search(int(ef_search))
+        if idx.format_version < store.INDEX_FORMAT_VERSION:
+            idx.unsaved += 1  # rewrite with checksums
+        return idx
+    params = HnswParams.with_defaults(M, ef_construction, ef_search)
+    idx = GalleryIndex.create(dim=encoders.embed_dim, model=model, params=params)
     if threads:
         idx.hnsw.set_num_threads(int(threads))
-    return idx, True
+    return idx
 
 
 def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
            batch_size: int = 32, progress: bool = False, M: int | None = None,
            ef_construction: int | None = None, ef_search: int | None = None,
-           threads: int | None = None, checkpoint_seconds: float = 300.0) -> EnrollReport:
+           threads: int | None = None, checkpoint_seconds: float = 300.0,
+           follow_external_links: bool = False) -> EnrollReport:
     """Add / refresh ``images_dir`` in the index at ``index_dir`` (created if missing).
 
     Holds the writer lock throughout (a second writer gets IndexLockedError). Commits a new
@@ -143,139 +151,223 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
                           else f"{images_dir}: not a directory")
     root = root.resolve()
     index_dir = Path(index_dir).expanduser()
-    _index.check_index_dir(index_dir)
+    store.check_index_dir(index_dir)
     report = EnrollReport()
-    with _index.writer_lock(index_dir):
-        _index.cleanup(index_dir)  # leftovers of a crashed writer
-        idx, dirty = open_or_create(encoders, index_dir, M=M, ef_construction=ef_construction,
-                                    ef_search=ef_search, threads=threads)
-        exclude = index_dir.resolve()
-        prefix = str(root) + os.sep
+    with store.writer_lock(index_dir):
+        with _timed(report, "open"):
+            store.cleanup(index_dir)  # leftovers of a crashed writer
+            idx = open_or_create(encoders, index_dir, M=M, ef_construction=ef_construction,
+                                 ef_search=ef_search, threads=threads)
+        run = _Enrollment(encoders, idx, index_dir, root, report, batch_size=batch_size,
+                          threads=threads, checkpoint_seconds=checkpoint_seconds)
+        with _timed(report, "scan"):
+            scanned = scan_tree(root, exclude=index_dir, follow_external_links=follow_external_links)
+            candidates = run.sort_scanned(scanned)
+        with _timed(report, "drop_missing"):
+            run.drop_missing(scanned)
+        with _timed(report, "hash"):
+            groups = run.hash_and_group(candidates)
+        run.decode_and_encode(groups, progress)  # times decode, encode and checkpoint commits
+        with _timed(report, "commit"):
+            idx.add_root(str(root))
+            if idx.unsaved:
+                idx.save(index_dir)
+        report.total = len(idx)
+    report.seconds = time.perf_counter() - t0
+    return report
 
-        # 1. What is on disk now, against what the index knows.
-        seen: set[str] = set()
-        candidates: list[tuple[str, os.stat_result, bool]] = []  # (path, stat, was_indexed)
-        for path, st in iter_files(root, exclude=exclude):
-            seen.add(path)
+
+@contextmanager
+def _timed(report: EnrollReport, phase: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.timings[phase] += time.perf_counter() - t
+
+
+class _Enrollment:
+    """The state one enroll threads through its phases."""
+
+    def __init__(self, encoders: Encoders, idx: GalleryIndex, index_dir: Path, root: Path,
+                 report: EnrollReport, *, batch_size: int, threads: int | None,
+                 checkpoint_seconds: float):
+        self.encoders, self.idx, self.index_dir, self.root = encoders, idx, index_dir, root
+        self.report, self.batch_size, self.threads = report, batch_size, threads
+        self.checkpoint_seconds = checkpoint_seconds
+
+    # -- scan ---------------------------------------------------------------------------------------
+    def sort_scanned(self, scanned: ScanResult) -> list[_Candidate]:
+        """What the index knows against what is on disk: unchanged files and known non-images
+        are settled here; the rest are candidates to hash."""
+        idx, report = self.idx, self.report
+        for folder, reason in scanned.unreadable:
+            report.skip(folder, reason)
+        for path in scanned.external_links:
+            report.skip(path, "a link to outside the images dir (not followed; "
+                              "--follow-external-links to include it)")
+        candidates = []
+        for path, st in scanned.files:
             rec = idx.files.get(path)
             if rec is not None and rec["size"] == st.st_size and rec["mtime_ns"] == st.st_mtime_ns:
                 report.unchanged += 1
                 continue
             skip = idx.skipped.get(path)
-            if rec is None and skip and skip["size"] == st.st_size and skip["mtime_ns"] == st.st_mtime_ns:
-                report.skipped += 1
-                report.skipped_files.append((path, skip["reason"]))
+            if rec is None and skip and skip["size"] == st.st_size \
+                    and skip["mtime_ns"] == st.st_mtime_ns:
+                report.skip(path, skip["reason"])
                 continue
-            candidates.append((path, st, rec is not None))
+            candidates.append(_Candidate(path, st.st_size, st.st_mtime_ns, rec is not None))
+        return candidates
 
-        # 2. Files gone from the folder leave the index.
-        for path in [p for p in idx.files if p.startswith(prefix) and p not in seen]:
+    # -- drop missing ---------------------------------------------------------------------------------
+    def drop_missing(self, scanned: ScanResult) -> None:
+        """Files under the root that the scan did not see leave the index, except those under a
+        folder (or at a path) the scan could not read: absence there proves nothing."""
+        idx, report = self.idx, self.report
+        prefix = os.path.join(str(self.root), "")
+        seen = {path for path, _ in scanned.files}
+        keep = tuple(os.path.join(folder, "") for folder, _ in scanned.unreadable)
+
+        def gone(path: str) -> bool:
+            return path.startswith(prefix) and path not in seen and path not in scanned.unstatable \
+                and not path.startswith(keep)
+
+        for path in [p for p in idx.files if gone(p)]:
             idx.remove_file(path)
             report.removed += 1
-            dirty = True
-        for path in [p for p in idx.skipped if p.startswith(prefix) and p not in seen]:
-            del idx.skipped[path]
-            dirty = True
+        for path in [p for p in idx.skipped if gone(p)]:
+            idx.forget_skipped(path)
 
-        # 3. Hash new/changed files; group by content so each content is encoded once.
-        to_encode: dict[str, list[tuple[str, os.stat_result, bool]]] = {}
-        for path, st, was_indexed in candidates:
+    # -- hash and group ---------------------------------------------------------------------------------
+    def hash_and_group(self, candidates: list[_Candidate]) -> dict[str, list[_Candidate]]:
+        """Hash new / changed files; settle touched files and duplicates of indexed content;
+        return the rest grouped by content (sha256 -> files), in scan order."""
+        idx, report = self.idx, self.report
+        groups: dict[str, list[_Candidate]] = {}
+        for c in candidates:
             try:
-                sha = file_sha256(path)
+                sha, st = hash_file(c.path)
             except OSError as exc:
-                report.skipped += 1
-                report.skipped_files.append((path, f"unreadable ({exc.strerror or exc})"))
-                if was_indexed:
-                    idx.remove_file(path)
+                report.skip(c.path, f"unreadable ({exc.strerror or type(exc).__name__})")
+                if c.was_indexed:
+                    idx.remove_file(c.path)
                     report.removed += 1
-                    dirty = True
                 continue
-            old = idx.files.get(path)
+            c.size, c.mtime_ns = st.st_size, st.st_mtime_ns  # of the bytes hashed
+            old = idx.files.get(c.path)
             if old is not None and old["sha256"] == sha:  # touched, same bytes
-                idx.set_file(path, sha, st.st_size, st.st_mtime_ns)
+                idx.set_file(c.path, sha, c.size, c.mtime_ns)
                 report.unchanged += 1
-                dirty = True
             elif sha in idx.by_hash:
-                idx.set_file(path, sha, st.st_size, st.st_mtime_ns)
+                idx.set_file(c.path, sha, c.size, c.mtime_ns)
                 report.duplicates += 1
-                report.updated += was_indexed
-                report.added += not was_indexed
-                dirty = True
+                report.updated += c.was_indexed
+                report.added += not c.was_indexed
             else:
-                to_encode.setdefault(sha, []).append((path, st, was_indexed))
+                groups.setdefault(sha, []).append(c)
+        return groups
 
-        # 4. Encode in batches: decode (skip bad files), run the image graph, add, commit now and then.
-        spec = encoders.spec("image")
-        todo = list(to_encode.items())
+    # -- decode and encode ------------------------------------------------------------------------------
+    def decode_and_encode(self, groups: dict[str, list[_Candidate]], progress: bool) -> None:
+        """Batches of new contents: decode (threads, one batch ahead), encode, add, and commit
+        a checkpoint every ``checkpoint_seconds``."""
+        report = self.report
+        spec = self.encoders.spec("image")
+        todo = list(groups.items())
+        batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         last_commit = time.monotonic()
         bar = _progress(len(todo), progress)
-        pool = ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, 8)))
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.threads or os.cpu_count() or 1, 8)))
+
+        def decode(batch):  # PIL releases the GIL while decoding and resizing: use threads
+            return pool.map(lambda item: _read_and_decode(item[0], item[1], spec), batch)
+
         try:
-            batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-
-            def decode(batch):  # PIL releases the GIL while decoding and resizing: use threads
-                return pool.map(lambda item: _decode(item[1][0][0], spec), batch)
-
             upcoming = decode(batches[0]) if batches else None
             for n, batch in enumerate(batches):
-                decoded = list(upcoming)
+                with _timed(report, "decode"):
+                    decoded = list(upcoming)
                 # Start decoding the next batch now, so it overlaps this batch's encoding.
                 upcoming = decode(batches[n + 1]) if n + 1 < len(batches) else None
-                arrays, hashes = [], []
-                for (sha, group), result in zip(batch, decoded):
-                    if isinstance(result, np.ndarray):
-                        arrays.append(result)
-                        hashes.append(sha)
-                    else:
-                        reason = _reason(result)
-                        for path, st, was_indexed in group:
-                            report.skipped += 1
-                            report.skipped_files.append((path, reason))
-                            if was_indexed:
-                                idx.remove_file(path)
-                                report.removed += 1
-                            idx.skipped[path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                                                 "reason": reason}
-                        dirty = True
-                if arrays:
-                    vectors = encoders.encode_pixels("image", np.stack(arrays))
-                    idx.add_vectors(vectors, hashes)
-                    report.encoded += len(hashes)
-                    for sha in hashes:
-                        report.duplicates += len(to_encode[sha]) - 1
-                        for path, st, was_indexed in to_encode[sha]:
-                            idx.set_file(path, sha, st.st_size, st.st_mtime_ns)
-                            report.updated += was_indexed
-                            report.added += not was_indexed
-                    dirty = True
+                with _timed(report, "encode"):
+                    self._encode_batch(batch, decoded)
                 if bar is not None:
                     bar.update(len(batch))
-                if dirty and time.monotonic() - last_commit >= checkpoint_seconds \
-                        and n + 1 < len(batches):
-                    idx.save(index_dir)
+                if self.idx.unsaved and n + 1 < len(batches) \
+                        and time.monotonic() - last_commit >= self.checkpoint_seconds:
+                    with _timed(report, "commit"):
+                        self.idx.save(self.index_dir)
                     last_commit = time.monotonic()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.render_finish()
 
-        if str(root) not in idx.roots:
-            idx.roots.append(str(root))
-            dirty = True
-        if dirty:
-            idx.save(index_dir)
-        report.total = len(idx)
-    report.seconds = time.perf_counter() - t0
-    return report
+    def _encode_batch(self, batch, decoded) -> None:
+        idx, report = self.idx, self.report
+        arrays, ready = [], []  # ready: (sha, files whose bytes were decoded or match them)
+        for (sha, group), (result, changed) in zip(batch, decoded):
+            for c in changed:
+                report.skip(c.path, CHANGED)
+            group = [c for c in group if all(c is not x for x in changed)]
+            if isinstance(result, np.ndarray):
+                arrays.append(result)
+                ready.append((sha, group))
+            elif result is not None:
+                self._reject(group, _reason(result))
+        if not arrays:
+            return
+        vectors, bad_rows = _encode(self.encoders, np.stack(arrays))
+        for row in sorted(bad_rows, reverse=True):
+            self._reject(ready.pop(row)[1], "the image encoder gave a non-finite vector")
+        vectors = np.delete(vectors, sorted(bad_rows), axis=0) if bad_rows else vectors
+        idx.add_vectors(vectors, [sha for sha, _ in ready])
+        report.encoded += len(ready)
+        for sha, group in ready:
+            report.duplicates += len(group) - 1
+            for c in group:
+                idx.set_file(c.path, sha, c.size, c.mtime_ns)
+                report.updated += c.was_indexed
+                report.added += not c.was_indexed
+
+    def _reject(self, group: list[_Candidate], reason: str) -> None:
+        """Files whose content is not an image: skipped, remembered, out of the index."""
+        for c in group:
+            self.report.skip(c.path, reason)
+            if c.was_indexed:
+                self.idx.remove_file(c.path)
+                self.report.removed += 1
+            self.idx.mark_skipped(c.path, c.size, c.mtime_ns, reason)
 
 
-def _decode(path: str, spec: dict):
-    """The preprocessed array, or the exception that says why not (a bad file never stops an
-    enroll: e.g. ImageDecodeError, or ValueError for a 10000 x 1 strip that resizes to nothing)."""
+def _read_and_decode(sha: str, group: list[_Candidate], spec: dict):
+    """(preprocessed array, or the exception saying why not, or None; files that changed since
+    they were hashed). The first file of the group whose bytes still hash to ``sha`` is decoded
+    from those very bytes, so the vector always matches the content recorded for it. A bad file
+    never stops an enroll (e.g. ImageDecodeError, ValueError for a strip that resizes to nothing)."""
+    changed = []
+    for c in group:
+        data = read_if_sha(c.path, sha)
+        if data is None:
+            changed.append(c)
+            continue
+        try:
+            return _pre.load(io.BytesIO(data), spec), changed
+        except Exception as exc:  # noqa: BLE001
+            return exc, changed
+    return None, changed
+
+
+def _encode(encoders: Encoders, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Image vectors, and the rows the encoder could not embed (non-finite output)."""
     try:
-        return _pre.load(path, spec)
-    except Exception as exc:  # noqa: BLE001
-        return exc
+        return encoders.encode_pixels("image", pixels), []
+    except Exception as exc:  # NonFiniteEmbeddingError, where the encoders raise it
+        rows, vectors = getattr(exc, "rows", None), getattr(exc, "vectors", None)
+        if not rows or vectors is None:
+            raise
+        return np.asarray(vectors, np.float32), sorted(int(r) for r in rows)
 
 
 def _reason(exc: Exception) -> str:

@@ -9,22 +9,35 @@
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stbir_infer import index as _index
+from stbir_infer import store
+from stbir_infer.contract import QUERY_NEEDS_INPUT
 from stbir_infer.encoders import Encoders
 from stbir_infer.enroll import EnrollReport, enroll
-from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, ParameterError, QueryError
+from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoundError,
+                                ModelMismatchError, ParameterError, QueryError)
+from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
+from stbir_infer.paths import display
+
+log = logging.getLogger("stbir_infer")
 
 
 @dataclass(frozen=True)
 class Hit:
     """One result: ``path`` of the image, cosine ``score``, 1-based ``rank``; ``duplicates`` are
-    other paths with the same content (indexed once)."""
+    other paths with the same content (indexed once).
+
+    ``path`` is the name as the file system gave it (``os.fsdecode``: undecodable bytes are lone
+    surrogates), so ``open(hit.path)`` opens the file; it may not print or encode as UTF-8.
+    """
 
     path: str
     score: float
@@ -32,8 +45,21 @@ class Hit:
     duplicates: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict:
-        return {"rank": self.rank, "score": self.score, "path": self.path,
-                "duplicates": list(self.duplicates)}
+        """JSON-safe: ``path`` and ``duplicates`` in display form (``paths.display``: valid UTF-8,
+        undecodable bytes as ``\\xNN``, control characters escaped). Where a display form differs
+        from the real name, ``path_bytes_b64`` (and ``duplicates_bytes_b64``, one per duplicate)
+        give the exact bytes of the name, base64-encoded, to open the file with."""
+        d = {"rank": self.rank, "score": self.score, "path": display(self.path),
+             "duplicates": [display(p) for p in self.duplicates]}
+        if d["path"] != self.path:
+            d["path_bytes_b64"] = _b64(self.path)
+        if d["duplicates"] != list(self.duplicates):
+            d["duplicates_bytes_b64"] = [_b64(p) for p in self.duplicates]
+        return d
+
+
+def _b64(path: str) -> str:
+    return base64.b64encode(os.fsencode(path)).decode("ascii")
 
 
 def _check_positive(name: str, value, error=ParameterError) -> int | None:
@@ -53,6 +79,10 @@ class Searcher:
     ``M`` / ``ef_construction``: used only when ``enroll`` creates the index.
     ``precision``: "fp32" or "int8" (the export's quantised graphs).
     An index built with another export is refused (ModelMismatchError) here, not at first query.
+
+    A long-lived Searcher (the web server) follows new generations as writers commit them; one
+    that fails to load (a corrupt file, a checksum mismatch) is not served: the last good one
+    stays, and ``load_error`` says why (logged once, on logger "stbir_infer").
     """
 
     def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
@@ -63,28 +93,42 @@ class Searcher:
         self._M = M
         self._ef_construction = ef_construction
         if M is not None or ef_construction is not None:  # validate early
-            _index.HnswParams(M=16 if M is None else M,
-                              ef_construction=200 if ef_construction is None else ef_construction)
+            HnswParams.with_defaults(M, ef_construction)
         self.encoders = Encoders(model_dir, threads=threads, precision=precision)
         self.index_dir = Path(index_dir).expanduser()
-        self._index: _index.GalleryIndex | None = None
+        self._index: GalleryIndex | None = None
         self._stamp = None
+        self.load_error: str | None = None  # why the newest generation is not the one served
         self._lock = threading.Lock()
         self.current_index()
 
     # -- index state -------------------------------------------------------------------------------
-    def current_index(self) -> _index.GalleryIndex | None:
+    def current_index(self) -> GalleryIndex | None:
         """The index as last committed (reloaded when another process or our own enroll has
-        committed a new generation); None before the first enroll."""
-        stamp = _index.current_stamp(self.index_dir)
+        committed a new generation); None before the first enroll.
+
+        Attributes the web layer reads: ``files`` (path -> {sha256, size, mtime_ns, label}),
+        ``items`` (label -> sha256), ``paths`` (label -> sorted paths), ``len(idx)``.
+        A newly committed generation that cannot be loaded raises only when there is no good one
+        to keep serving; otherwise the good one is returned and ``load_error`` is set."""
+        stamp = store.current_stamp(self.index_dir)
         if stamp is None:
             return self._index
         if stamp != self._stamp or self._index is None:
             with self._lock:
                 if stamp != self._stamp or self._index is None:
-                    idx = _index.GalleryIndex.load(self.index_dir, threads=self.threads)
-                    idx.check_model(self.encoders.model_record(), self.index_dir)
-                    self._index, self._stamp = idx, stamp
+                    try:
+                        idx = GalleryIndex.load(self.index_dir, threads=self.threads)
+                        idx.check_model(self.encoders.model_record(), self.index_dir)
+                    except (IndexFormatError, ModelMismatchError, IndexNotFoundError) as exc:
+                        if self._index is None:
+                            raise
+                        if self.load_error != str(exc):
+                            log.warning("keeping generation %s: the newest cannot be loaded: %s",
+                                        self._index.generation, exc)
+                        self.load_error, self._stamp = str(exc), stamp  # not retried per query
+                        return self._index
+                    self._index, self._stamp, self.load_error = idx, stamp, None
         return self._index
 
     def reload(self) -> None:
@@ -97,11 +141,16 @@ class Searcher:
 
     # -- enroll ---------------------------------------------------------------------------------------
     def enroll(self, images_dir: str | Path, batch_size: int = 32, progress: bool = False, *,
-               checkpoint_seconds: float = 300.0) -> EnrollReport:
-        """Add new / changed images under ``images_dir``, drop removed ones (see EnrollReport)."""
+               checkpoint_seconds: float = 300.0,
+               follow_external_links: bool = False) -> EnrollReport:
+        """Add new / changed images under ``images_dir``, drop removed ones (see EnrollReport).
+        ``follow_external_links``: also index files that symbolic links reach outside
+        ``images_dir`` (off: such links are reported as skipped)."""
         report = enroll(self.encoders, self.index_dir, images_dir, batch_size=batch_size,
                         progress=progress, M=self._M, ef_construction=self._ef_construction,
-                        ef_search=self.ef_search, threads=self.threads, checkpoint_seconds=checkpoint_seconds)
+                        ef_search=self.ef_search, threads=self.threads,
+                        checkpoint_seconds=checkpoint_seconds,
+                        follow_external_links=follow_external_links)
         self.reload()
         return report
 
@@ -113,7 +162,7 @@ class Searcher:
         if text is not None and not isinstance(text, str):
             raise QueryError(f"text must be a string, not {type(text).__name__}")
         if sketch is None and (text is None or not text.strip()):
-            raise QueryError("a query needs a sketch, a text or both")
+            raise QueryError(QUERY_NEEDS_INPUT)
         idx = self._require_index()
         try:
             vector = self.encoders.query_vector(sketch=sketch, text=text)
@@ -130,14 +179,14 @@ class Searcher:
                              f"{self.encoders.embed_dim}")
         return self._search(self._require_index(), vector, top_k)
 
-    def _require_index(self) -> _index.GalleryIndex:
+    def _require_index(self) -> GalleryIndex:
         idx = self.current_index()
         if idx is None:
             raise IndexNotFoundError(f"{self.index_dir}: no index here yet "
                                      "(run `stbir-infer enroll --images DIR` first)")
         return idx
 
-    def _search(self, idx: _index.GalleryIndex, vector: np.ndarray, top_k: int) -> list[Hit]:
+    def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int) -> list[Hit]:
         with self._lock:  # hnswlib's ef is index-wide state
             found = idx.search(vector, top_k, ef=self.ef_search or idx.params.ef_search)
         hits = []
@@ -148,18 +197,23 @@ class Searcher:
 
     # -- info ---------------------------------------------------------------------------------------
     def info(self) -> dict:
-        """Index size, the model it was built with, HNSW parameters."""
+        """Index size, the model it was built with, HNSW parameters (JSON-safe: paths in
+        ``paths.display`` form). ``load_error`` is present when a newer generation than the one
+        served could not be loaded."""
         idx = self.current_index()
-        out = {"index_dir": str(self.index_dir.resolve()), "exists": idx is not None,
+        out = {"index_dir": display(self.index_dir.resolve()), "exists": idx is not None,
                "export": self.encoders.describe()}
         if idx is None:
             return out
         out.update({
             "images": len(idx), "files": len(idx.files), "skipped_files": len(idx.skipped),
             "generation": idx.generation, "created": idx.created, "updated": idx.updated,
-            "roots": list(idx.roots), "space": _index.SPACE, "dim": idx.dim,
+            "roots": [display(r) for r in idx.roots], "space": SPACE, "dim": idx.dim,
+            "format_version": idx.format_version,
             "hnsw": {**idx.params.to_dict(),
                      "ef_search_effective": self.ef_search or idx.params.ef_search},
             "model": dict(idx.model),
         })
+        if self.load_error:
+            out["load_error"] = self.load_error
         return out

@@ -1,0 +1,288 @@
+"""The gallery in memory: an HNSW index (hnswlib, cosine) of unit vectors plus its metadata.
+
+``items`` maps HNSW label -> content sha256 (one vector per distinct content); ``files`` maps
+path -> {sha256, size, mtime_ns, label}; ``paths`` maps label -> the sorted paths showing that
+content; ``skipped`` remembers files that were not images, so an unchanged one is not read again.
+Paths are kept as ``os.fsdecode`` gives them (undecodable bytes as lone surrogates, which
+meta.json stores as ``\\udcXX`` escapes), so ``open(path)`` opens the right file; show them with
+``stbir_infer.paths.display``.
+
+Saving and loading go through ``stbir_infer.store`` (generations, CURRENT, checksums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stbir_infer import store
+from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError
+
+SPACE = store.SPACE
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    """HNSW build/search settings. M and ef_construction are fixed when an index is created;
+    ef_search is a query-time setting (raised to top_k when a query asks for more)."""
+
+    M: int = HNSW_M
+    ef_construction: int = HNSW_EF_CONSTRUCTION
+    ef_search: int = HNSW_EF_SEARCH
+
+    def __post_init__(self):
+        for name, lo in (("M", 2), ("ef_construction", 1), ("ef_search", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ParameterError(f"HNSW {name} must be an integer >= {lo}, not {v!r}")
+        if self.M > 512:
+            raise ParameterError(f"HNSW M must be <= 512, not {self.M}")
+
+    @classmethod
+    def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> "HnswParams":
+        """The contract defaults, overridden where a value is given (None: the default)."""
+        d = cls()
+        return cls(M=d.M if M is None else M,
+                   ef_construction=d.ef_construction if ef_construction is None else ef_construction,
+                   ef_search=d.ef_search if ef_search is None else ef_search)
+
+    def to_dict(self) -> dict:
+        return {"M": int(self.M), "ef_construction": int(self.ef_construction),
+                "ef_search": int(self.ef_search)}
+
+
+class GalleryIndex:
+    """One generation of the index, in memory: hnswlib vectors + the metadata store.
+
+    ``unsaved`` counts edits since the last load or save (0: nothing to commit)."""
+
+    def __init__(self, *, dim: int, model: dict, params: HnswParams, meta: dict | None = None,
+                 hnsw=None):
+        import hnswlib
+
+        self.dim = int(dim)
+        self.model = dict(model)
+        self.params = params
+        meta = meta or {}
+        self.generation = int(meta.get("generation", 0))
+        self.format_version = int(meta.get("format_version", store.INDEX_FORMAT_VERSION))
+        self.created = meta.get("created") or store.now()
+        self.updated = meta.get("updated")
+        self.next_label = int(meta.get("next_label", 0))
+        self.items: dict[int, str] = {int(k): v["sha256"] for k, v in (meta.get("items") or {}).items()}
+        self.files: dict[str, dict] = dict(meta.get("files") or {})
+        self.skipped: dict[str, dict] = dict(meta.get("skipped") or {})
+        self.roots: list[str] = list(meta.get("roots") or [])
+        self.unsaved = 0 if meta else 1  # a new index is worth writing even when empty
+        if hnsw is None:
+            hnsw = hnswlib.Index(space=SPACE, dim=self.dim)
+            hnsw.init_index(max_elements=64, M=params.M, ef_construction=params.ef_construction,
+                            random_seed=100, allow_replace_deleted=True)
+        self.hnsw = hnsw
+        self.hnsw.set_ef(params.ef_search)
+        self._rebuild_maps()
+
+    # -- derived maps ------------------------------------------------------------------------------
+    def _rebuild_maps(self) -> None:
+        self.by_hash: dict[str, int] = {sha: label for label, sha in self.items.items()}
+        self.paths: dict[int, list[str]] = {label: [] for label in self.items}
+        for path, rec in self.files.items():
+            self.paths.setdefault(int(rec["label"]), []).append(path)
+        for lst in self.paths.values():
+            lst.sort()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- load / create -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, *, dim: int, model: dict, params: HnswParams | None = None) -> "GalleryIndex":
+        return cls(dim=dim, model=model, params=params or HnswParams())
+
+    @classmethod
+    def load(cls, index_dir: str | Path, *, threads: int | None = None) -> "GalleryIndex":
+        """Load the live generation (its index.bin verified against meta.json's checksum)."""
+        return store.load_current(index_dir, lambda gen_dir, meta: cls._from_generation(
+            gen_dir, meta, threads=threads))
+
+    @classmethod
+    def _from_generation(cls, gen_dir: Path, meta: dict, *, threads: int | None = None) -> "GalleryIndex":
+        import hnswlib
+
+        meta_path = gen_dir / store.META_FILE
+        try:
+            params = HnswParams(**meta["hnsw"])
+            dim = int(meta["dim"])
+            model = dict(meta["model"])
+            n_items = len(meta.get("items") or {})
+            n_deleted = len(meta.get("deleted") or [])
+        except (KeyError, TypeError, ValueError, ParameterError) as exc:
+            raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
+        bin_path = gen_dir / store.INDEX_FILE
+        if meta.get("checksums") is None:  # version 1: at least the size must agree
+            if bin_path.stat().st_size != meta.get("index_bytes"):
+                raise IndexFormatError(f"{bin_path}: size differs from the metadata's")
+        hnsw = hnswlib.Index(space=SPACE, dim=dim)
+        with store.verified_file(gen_dir, meta, store.INDEX_FILE) as path:
+            try:
+                hnsw.load_index(path, max_elements=0, allow_replace_deleted=True)
+            except RuntimeError as exc:
+                raise IndexFormatError(f"{bin_path}: hnswlib cannot load it ({exc})") from None
+        if threads:
+            hnsw.set_num_threads(int(threads))
+        if hnsw.element_count - n_deleted != n_items:
+            raise IndexFormatError(f"{gen_dir}: index holds {hnsw.element_count} vectors, "
+                                   f"metadata {n_items}")
+        try:
+            return cls(dim=dim, model=model, params=params, meta=meta, hnsw=hnsw)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
+
+    def check_model(self, model: dict, index_dir: str | Path = "") -> None:
+        """Refuse an export other than the one this index was built with."""
+        if model.get("fingerprint") != self.model.get("fingerprint"):
+            mine = self.model.get("fingerprint") or "?"
+            theirs = model.get("fingerprint") or "?"
+            raise ModelMismatchError(
+                f"{index_dir}: index was built with export {mine[:12]} "
+                f"({self.model.get('clip_model')}, {self.model.get('model_dir')}), not with "
+                f"{theirs[:12]} ({model.get('model_dir')}); use that export, or another --index")
+        if int(model.get("embed_dim", self.dim)) != self.dim:
+            raise ModelMismatchError(f"{index_dir}: index dim {self.dim} != export embed_dim "
+                                     f"{model.get('embed_dim')}")
+
+    # -- edits (each counts in ``unsaved``) ---------------------------------------------------------
+    def set_ef_search(self, ef_search: int) -> None:
+        if int(ef_search) != self.params.ef_search:
+            self.params = HnswParams(self.params.M, self.params.ef_construction, int(ef_search))
+            self.hnsw.set_ef(self.params.ef_search)
+            self.unsaved += 1
+
+    def add_root(self, root: str) -> None:
+        if root not in self.roots:
+            self.roots.append(root)
+            self.unsaved += 1
+
+    def add_vectors(self, vectors: np.ndarray, hashes: list[str]) -> list[int]:
+        """Add one vector per new content hash; returns their labels."""
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        if len(hashes) != len(vectors):
+            raise ValueError("one hash per vector")
+        if not len(hashes):
+            return []
+        labels = list(range(self.next_label, self.next_label + len(hashes)))
+        need = self.hnsw.element_count + len(labels)
+        if need > self.hnsw.max_elements:
+            self.hnsw.resize_index(max(need, 2 * self.hnsw.max_elements))
+        self.hnsw.add_items(vectors, np.asarray(labels, np.int64), replace_deleted=True)
+        self.next_label += len(labels)
+        for label, sha in zip(labels, hashes):
+            self.items[label] = sha
+            self.by_hash[sha] = label
+            self.paths.setdefault(label, [])
+        self.unsaved += 1
+        return labels
+
+    def set_file(self, path: str, sha256: str, size: int, mtime_ns: int) -> None:
+        """Point ``path`` at the item holding ``sha256`` (which must already be indexed)."""
+        label = self.by_hash[sha256]
+        old = self.files.get(path)
+        if old is not None and int(old["label"]) != label:
+            self._unlink(path, int(old["label"]))
+        if old is None or int(old["label"]) != label:
+            lst = self.paths.setdefault(label, [])
+            lst.append(path)
+            lst.sort()
+        self.files[path] = {"sha256": sha256, "size": int(size), "mtime_ns": int(mtime_ns),
+                            "label": label}
+        self.skipped.pop(path, None)
+        self.unsaved += 1
+
+    def remove_file(self, path: str) -> bool:
+        rec = self.files.pop(path, None)
+        if rec is None:
+            return False
+        self._unlink(path, int(rec["label"]))
+        self.unsaved += 1
+        return True
+
+    def mark_skipped(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
+        """Remember a file that is not an image (not read again while size and mtime hold)."""
+        self.skipped[path] = {"size": int(size), "mtime_ns": int(mtime_ns), "reason": reason}
+        self.unsaved += 1
+
+    def forget_skipped(self, path: str) -> None:
+        if self.skipped.pop(path, None) is not None:
+            self.unsaved += 1
+
+    def _unlink(self, path: str, label: int) -> None:
+        lst = self.paths.get(label, [])
+        if path in lst:
+            lst.remove(path)
+        if not lst:  # no file shows this content any more: drop the vector
+            self.paths.pop(label, None)
+            sha = self.items.pop(label, None)
+            if sha is not None and self.by_hash.get(sha) == label:
+                del self.by_hash[sha]
+            self.hnsw.mark_deleted(label)
+
+    def deleted_labels(self) -> list[int]:
+        """Labels still in hnswlib's storage but marked deleted (slots reused by later adds)."""
+        live = self.items
+        return [int(x) for x in self.hnsw.get_ids_list() if int(x) not in live]
+
+    # -- search --------------------------------------------------------------------------------------
+    def search(self, vector: np.ndarray, k: int, ef: int | None = None) -> list[tuple[int, float]]:
+        """Top-k (label, cosine similarity), best first."""
+        k = min(int(k), len(self.items))
+        if k <= 0:
+            return []
+        q = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
+        ef = max(int(ef or self.params.ef_search), k)
+        for ef_try in (ef, max(4 * ef, 256), self.hnsw.element_count):
+            self.hnsw.set_ef(ef_try)
+            try:
+                labels, dists = self.hnsw.knn_query(q, k=k)
+                break
+            except RuntimeError:  # hnswlib found fewer than k (many deleted slots): search wider
+                continue
+        else:
+            return self._exact(q[0], k)
+        return [(int(label), float(1.0 - d)) for label, d in zip(labels[0], dists[0])]
+
+    def _exact(self, q: np.ndarray, k: int) -> list[tuple[int, float]]:
+        labels = np.fromiter(self.items, np.int64, len(self.items))
+        vecs = np.asarray(self.hnsw.get_items(labels), np.float32)
+        vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        scores = vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(int(labels[i]), float(scores[i])) for i in order]
+
+    # -- save ----------------------------------------------------------------------------------------
+    def meta(self) -> dict:
+        return {
+            "format": store.INDEX_FORMAT, "format_version": store.INDEX_FORMAT_VERSION,
+            "generation": self.generation, "created": self.created, "updated": self.updated,
+            "model": self.model, "space": SPACE, "dim": self.dim, "hnsw": self.params.to_dict(),
+            "count": len(self.items), "next_label": self.next_label, "roots": self.roots,
+            "deleted": self.deleted_labels(),
+            "items": {str(label): {"sha256": sha} for label, sha in sorted(self.items.items())},
+            "files": dict(sorted(self.files.items())),
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+    def save(self, index_dir: str | Path) -> str:
+        """Commit this state as a new generation (caller holds the writer lock). Returns its name."""
+        name, meta = store.commit(
+            index_dir, meta=self.meta(), after=self.generation,
+            write_files=lambda tmp: self.hnsw.save_index(str(tmp / store.INDEX_FILE)))
+        self.generation, self.updated = meta["generation"], meta["updated"]
+        self.format_version = meta["format_version"]
+        self.unsaved = 0
+        return name
+
+
+__all__ = ["GalleryIndex", "HnswParams", "SPACE"]
