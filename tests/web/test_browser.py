@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 N_PHOTOS = 16
 TOP_K = 8
@@ -49,7 +49,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def base_url(small_export, tmp_path_factory):
     from stbir_infer.searcher import Searcher
-    from stbir_infer.serve import App, make_server
+    from stbir_infer.web import App, make_server
     from stbir_train.synth import render_photo, sample_item
 
     photos = tmp_path_factory.mktemp("browser") / "photos"
