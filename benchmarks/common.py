@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -247,14 +246,9 @@ def targets_table(targets: Sequence[dict]) -> str:
 
 def write_json(path: Path, data: dict) -> Path:
     """Atomic write (temp file + rename), so a killed run leaves the old result intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    from stbir_infer.contract import atomic_write_text  # torch- and numpy-free
+
+    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(o):
@@ -307,20 +301,13 @@ def random_export(preset: str, workdir: Path, quantize: bool = True, seed: int =
     (export dir, the torch model in eval mode). Verification is skipped (the benchmark measures
     its own cosines); int8 graphs are written when ``quantize``.
     """
-    import logging
-
     import torch
 
     from models import PRESETS, ModelSpec, build_model, save_checkpoint
     from stbir_export import export_checkpoint
 
     torch.manual_seed(seed)
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # open_clip: "initialized randomly"
-    try:
-        model = build_model(ModelSpec(**PRESETS[preset])).eval()
-    finally:
-        logging.disable(previous)
+    model = build_model(ModelSpec(**PRESETS[preset])).eval()  # quiet: models scopes open_clip
     ckpt = save_checkpoint(workdir / f"{preset}.pt", model, config={}, metrics={})
     out = workdir / f"{preset}-export"
     export_checkpoint(ckpt, out, quantize="int8" if quantize else None, verify=False, log=log)

@@ -1,11 +1,13 @@
 """Torch network code shared by training and export (never imported by the runtime)."""
 
-from models.checkpoint import CheckpointError, file_sha256, load_model, read_checkpoint, save_checkpoint
-from models.model import (BRANCHES, PRESETS, STAGE_TARGETS, ModelError, ModelSpec, STBIRModel,
-                          build_model, eot_position, fuse)
+from models.checkpoint import load_model, read_checkpoint, save_checkpoint
+from models.errors import CheckpointError, ModelError, StbirModelError
+from models.model import (BRANCHES, PRESETS, STAGE_TARGETS, ModelSpec, STBIRModel, build_model,
+                          eot_position, fuse)
+from models.scoped import offline_hub, open_clip_scope, quiet_logs
 
 __all__ = [
     "BRANCHES", "PRESETS", "STAGE_TARGETS", "CheckpointError", "ModelError", "ModelSpec",
-    "STBIRModel", "build_model", "eot_position", "file_sha256", "fuse", "load_model",
-    "read_checkpoint", "save_checkpoint",
+    "STBIRModel", "StbirModelError", "build_model", "eot_position", "fuse", "load_model",
+    "offline_hub", "open_clip_scope", "quiet_logs", "read_checkpoint", "save_checkpoint",
 ]

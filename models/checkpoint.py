@@ -3,43 +3,30 @@
 Keys: ``format`` ("stbir-checkpoint"), ``format_version``, ``model_spec`` (ModelSpec as a dict),
 ``model`` (state dict), ``config`` (the full training config), and training state where there is
 one: ``optimizer``, ``stage_index``, ``epoch`` (epochs done in that stage), ``metrics``.
+
+Everything in it is tensors and plain data, so it is read with ``weights_only=True``: a file
+whose pickle would run code (``stbir-export``, ``evaluate`` and ``--resume`` all take user
+files) is refused with a ``CheckpointError`` before anything in it runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from models.errors import CheckpointError, load_failure
 from models.model import ModelSpec, STBIRModel, build_model
+from stbir_infer.contract import atomic_write
 
 FORMAT = "stbir-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A file that is missing, unreadable, or not an STBIR checkpoint."""
-
-
 def save_checkpoint(path: str | Path, model: STBIRModel, **state) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "model_spec": model.spec.to_dict(), "model": model.state_dict(), **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -47,9 +34,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({load_failure(exc)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an STBIR checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -66,11 +53,3 @@ def load_model(path: str | Path) -> tuple[STBIRModel, dict]:
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

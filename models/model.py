@@ -9,7 +9,7 @@ checkpoint and into the export.
 from __future__ import annotations
 
 import copy
-import logging
+import inspect
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BRANCHES = ("sketch", "image", "text")
+from models.errors import ModelError, load_failure
+from models.scoped import open_clip_scope
+from stbir_infer.contract import BRANCHES, QUERY_NEEDS_INPUT
+
 STAGE_TARGETS = BRANCHES + ("all",)
 _CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ModelError(ValueError):
-    """A model that cannot be built as asked (bad name, missing weights...)."""
 
 
 @dataclass
@@ -59,11 +58,10 @@ PRESETS: dict[str, dict] = {
 
 
 def _open_clip():
-    # Devices and CI have no network: pretrained tags resolve from the local cache only, and fail
-    # at once instead of retrying downloads (HF_HUB_OFFLINE=0 in the environment opts back in).
-    # Set before the first import, because huggingface_hub reads it when imported.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import open_clip
+    # The first import happens offline (huggingface_hub reads HF_HUB_OFFLINE when imported);
+    # open_clip_scope puts the caller's environment back afterwards.
+    with open_clip_scope():
+        import open_clip
 
     if "stbir-small" not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
@@ -119,7 +117,8 @@ def _load_weights_file(path: str, key: str) -> dict:
     try:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"{key}: {path} is not a readable torch weights file ({exc})") from None
+        raise ModelError(f"{key}: {path} is not a readable torch weights file "
+                         f"({load_failure(exc)})") from None
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
@@ -145,7 +144,7 @@ def fuse(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float |
     Either half may be missing; then the other is the query.
     """
     if sketch is None and text is None:
-        raise ValueError("a query needs a sketch, a text or both")
+        raise ValueError(QUERY_NEEDS_INPUT)
     if sketch is None:
         return text
     if text is None:
@@ -160,11 +159,8 @@ class STBIRModel(nn.Module):
         open_clip = _open_clip()
         if spec.clip_model not in open_clip.list_models():
             raise ModelError(f"clip_model {spec.clip_model!r} is not an open_clip architecture")
-        logging.disable(logging.WARNING)  # open_clip warns that random init has no weights: intended
-        try:
+        with open_clip_scope():  # it warns that random init has no weights: they come next
             self.clip = open_clip.create_model(spec.clip_model, pretrained=None)
-        finally:
-            logging.disable(logging.NOTSET)
         if spec.pretrained:
             _load_clip_weights(self.clip, spec.clip_model, spec.pretrained)
         self.clip.logit_scale.requires_grad_(False)  # training uses the config's temperature
@@ -271,36 +267,53 @@ def eot_position(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _load_clip_weights(clip: nn.Module, name: str, pretrained: str) -> None:
-    """``pretrained`` is a local file, or an open_clip tag that must already be in the cache."""
+    """``pretrained`` is a local file, or an open_clip tag that must already be in the cache.
+
+    Either way the file is read with ``weights_only=True``: a weights file that needs code to
+    unpickle is refused, never run."""
     path = Path(pretrained).expanduser()
+    open_clip = _open_clip()
     if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
         if not path.is_file():
             raise ModelError(f"pretrained: weights file {pretrained} does not exist")
-        import open_clip
-
         try:
-            open_clip.load_checkpoint(clip, str(path))
+            _safe_load_checkpoint(open_clip, clip, str(path))
         except Exception as exc:
-            raise ModelError(f"pretrained: could not load {pretrained} into {name} ({exc})") from None
+            raise ModelError(f"pretrained: could not load {pretrained} into {name} "
+                             f"({load_failure(exc)})") from None
         return
-    open_clip = _open_clip()
     if pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise ModelError(f"pretrained: {pretrained!r} is not an open_clip tag for {name} "
                          f"(known: {', '.join(open_clip.list_pretrained_tags_by_model(name)) or 'none'})")
     try:
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        file = open_clip.download_pretrained(cfg)
-        open_clip.load_checkpoint(clip, file)
+        with open_clip_scope():
+            cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            file = open_clip.download_pretrained(cfg)
+        _safe_load_checkpoint(open_clip, clip, file)
     except Exception as exc:
         raise ModelError(f"pretrained: weights {name}/{pretrained} are not available offline; "
                          f"pass a local weights file instead ({type(exc).__name__})") from None
+
+
+def _safe_load_checkpoint(open_clip, clip: nn.Module, file: str) -> None:
+    """open_clip's loader (it converts third-party layouts), made to unpickle weights only.
+
+    Versions whose loader has no ``weights_only`` switch get the file read here instead."""
+    if "weights_only" in inspect.signature(open_clip.load_checkpoint).parameters:
+        open_clip.load_checkpoint(clip, file, weights_only=True)
+        return
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(file, device="cpu")
+    else:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    clip.load_state_dict(sd)
 
 
 def build_model(spec: ModelSpec | dict) -> STBIRModel:
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
     return STBIRModel(spec)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -1,41 +1,22 @@
 """``stbir-export CKPT OUT_DIR``: the command line around ``export_checkpoint``.
 
 Every failure is one line on stderr (``stbir-export: error: ...``), never a traceback: exit 2 for
-bad usage or bad input, 1 for an internal failure.
+bad usage or bad input, 1 for an internal failure (``stbir_infer.cli_errors``; set STBIR_DEBUG=1
+for a traceback).
 """
 
 from __future__ import annotations
 
-import sys
-
 import click
 
+from stbir_infer.cli_errors import command_class
+
 PROG = "stbir-export"
+KNOWN_ERRORS = ("stbir_export.errors:ExportError", "models.errors:StbirModelError")
 
 
-def _fail(message: str, code: int):
-    click.echo(f"{PROG}: error: {' '.join(str(message).split())}", err=True)
-    sys.exit(code)
-
-
-class _OneLineErrors(click.Command):
-    """click prints usage errors as a multi-line block; keep them to one line like ours."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
-        try:
-            super().main(args, prog_name or PROG, complete_var, False, **extra)
-        except click.UsageError as exc:
-            _fail(f"{exc.format_message()} (see {PROG} --help)", 2)
-        except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            _fail("aborted", 1)
-        sys.exit(0)
-
-
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=command_class(click.Command, PROG, KNOWN_ERRORS),
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", metavar="CKPT")
 @click.argument("out_dir", metavar="OUT_DIR")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
@@ -46,18 +27,10 @@ class _OneLineErrors(click.Command):
               help="Skip the onnxruntime / ReferenceEvaluator comparison with torch.")
 def main(checkpoint, out_dir, quantize, opset, force, no_verify):
     """Export an STBIR checkpoint to separate ONNX graphs + runtime assets in OUT_DIR."""
-    from models import CheckpointError
-    from stbir_export import ExportError, export_checkpoint
+    from stbir_export import export_checkpoint
 
-    try:
-        export_checkpoint(checkpoint, out_dir, opset=opset, quantize=quantize,
-                          verify=not no_verify, force=force, log=click.echo)
-    except (ExportError, CheckpointError) as exc:
-        _fail(exc, 2)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    except Exception as exc:  # an internal failure: still one line, but say it is ours
-        _fail(f"internal error: {type(exc).__name__}: {exc}", 1)
+    export_checkpoint(checkpoint, out_dir, opset=opset, quantize=quantize,
+                      verify=not no_verify, force=force, log=click.echo)
 
 
 if __name__ == "__main__":

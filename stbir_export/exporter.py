@@ -1,4 +1,4 @@
-"""checkpoint -> export dir (see DESIGN.md, "Export dir").
+"""checkpoint -> export dir (see docs/ARCHITECTURE.md, "The export dir").
 
 The dir is built in a temporary folder beside OUT_DIR and renamed into place only after every
 graph is written, checked and verified, so a failed export never leaves a half-written dir, and
@@ -10,9 +10,7 @@ graph is written, checked and verified, so a failed export never leaves a half-w
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -22,16 +20,13 @@ from typing import Callable
 
 import numpy as np
 
-from models import CheckpointError, file_sha256, load_model
-from models.model import ModelError
+from models import CheckpointError, ModelError, load_model, open_clip_scope
 from stbir_export import graphs, verify as verification
 from stbir_export.errors import ExportError
 from stbir_export.tokenizer import write_tokenizer
+from stbir_infer.contract import (EXPORT_FORMAT, EXPORT_FORMAT_VERSION, GRAPH_FILES, GRAPH_OUTPUT,
+                                  MANIFEST, TOKEN_EMBEDDING, file_sha256, fingerprint)
 
-FORMAT = "stbir-export"
-FORMAT_VERSION = 1
-MANIFEST = "export.json"
-TOKEN_EMBEDDING = "token_embedding.npy"
 QUANTIZE = ("int8",)
 
 
@@ -97,10 +92,9 @@ def _temp_dir(out: Path) -> Path:
 
 
 def _load(checkpoint: Path):
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": weights come next
     try:
-        model, _ = load_model(checkpoint)
+        with open_clip_scope():  # open_clip warns "initialized randomly": weights come next
+            model, _ = load_model(checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     except ModelError as exc:
@@ -109,8 +103,6 @@ def _load(checkpoint: Path):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{checkpoint}: the weights do not fit the checkpoint's model spec "
                           f"({first})") from None
-    finally:
-        logging.disable(previous)
     return model
 
 
@@ -134,7 +126,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
            verify: bool, batch: int, log) -> dict:
     np.save(tmp / TOKEN_EMBEDDING, model.clip.token_embedding.weight.detach().float().numpy())
-    table = np.load(tmp / TOKEN_EMBEDDING)  # verification looks up in what ships
+    table = np.load(tmp / TOKEN_EMBEDDING, allow_pickle=False)  # verification uses what ships
     tokenizer = write_tokenizer(model, tmp)
     if table.shape[0] != tokenizer["vocab_size"]:
         raise ExportError(f"token table has {table.shape[0]} rows but the tokenizer "
@@ -142,7 +134,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
     specs = model.input_specs()
     encoders, checks, cosines = {}, {}, {}
     for enc in graphs.ENCODERS:
-        name = graphs.FILES[enc]
+        name = GRAPH_FILES[enc]
         raw = graphs.export_raw(model, enc, opset)
         simplified = graphs.simplify(raw, enc)
         size = graphs.write(simplified, tmp / name)
@@ -165,7 +157,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
                                                     tmp / entry["int8_file"], lookup, batch)
             note = "" if cosines[enc] >= verification.INT8_WARN_COSINE else "  (warning: low)"
             log(f"  int8 {enc}: min cosine to fp32 {cosines[enc]:.5f}{note}")
-        entry.update(inputs=graphs.input_specs(model, enc), output=graphs.OUTPUT)
+        entry.update(inputs=graphs.input_specs(model, enc), output=GRAPH_OUTPUT)
         if enc == "text":
             entry["token_embedding"] = TOKEN_EMBEDDING
         else:
@@ -175,7 +167,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
     files = {p.relative_to(tmp).as_posix(): file_sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
         "embed_dim": int(model.embed_dim), "fusion_weight": float(model.fusion_weight),
         "opset": opset, "clip_model": model.spec.clip_model,
         "encoders": encoders, "tokenizer": tokenizer, "files": files,
@@ -188,13 +180,8 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
             "cosine_to_fp32": cosines}}
     manifest["verification"] = checks if verify else None
     manifest["producer"] = _versions()
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # the dir is renamed whole
     return manifest
-
-
-def fingerprint(files: dict[str, str]) -> str:
-    canonical = json.dumps(files, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _versions() -> dict:

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from stbir_export.errors import ExportError
+from stbir_infer.contract import BRANCHES, GRAPH_OUTPUT
 
-ENCODERS = ("sketch", "image", "text")
-FILES = {name: f"{name}_encoder.onnx" for name in ENCODERS}
-OUTPUT = "embedding"
+ENCODERS = BRANCHES  # one graph per branch, named by contract.GRAPH_FILES
 # The TorchScript exporter (dynamo=False) is used: the dynamo exporter needs onnxscript, and the
 # TorchScript one gives compact graphs with a symbolic batch axis from `dynamic_axes`.
 MIN_OPSET, MAX_OPSET = 14, 20
@@ -80,8 +79,8 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(model, encoder), buf, dynamo=False,
-                              opset_version=opset, input_names=names, output_names=[OUTPUT],
-                              dynamic_axes={n: {0: "batch"} for n in names + [OUTPUT]},
+                              opset_version=opset, input_names=names, output_names=[GRAPH_OUTPUT],
+                              dynamic_axes={n: {0: "batch"} for n in names + [GRAPH_OUTPUT]},
                               do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

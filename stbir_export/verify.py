@@ -9,12 +9,12 @@ torch's side is the reference path from ids, ``model.encode_text(tokens)``.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.scoped import quiet_logs
 from stbir_export.errors import ExportError
 
 MIN_COSINE = 0.99999
@@ -101,12 +101,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """onnxruntime dynamic quantisation: int8 weights, activations quantised at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # its "consider pre-processing" advice is noise here
-    try:
+    with quiet_logs("onnxruntime"):  # its "consider pre-processing" advice is noise here
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
-    finally:
-        logging.disable(previous)
 
 
 def int8_cosine(model, encoder: str, fp32: Path, int8: Path, table: np.ndarray | None,

@@ -18,49 +18,18 @@ import sys
 
 import click
 
+from stbir_infer.cli_errors import OneLineErrors
+from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from stbir_infer.errors import ImageDecodeError, StbirInferError
 
 PROG = "stbir-infer"
 
 
-def _fail(message: str, code: int):
-    click.echo(f"{PROG}: error: {message}", err=True)
-    sys.exit(code)
-
-
-class _Main(click.Group):
+class _Main(OneLineErrors, click.Group):
     """Turns every failure into one line on stderr and an exit status (no tracebacks)."""
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else PROG
-            _fail(f"{exc.format_message()} (see `{where} --help`)", 2)
-        except click.ClickException as exc:
-            _fail(exc.format_message(), exc.exit_code)
-        except (click.Abort, KeyboardInterrupt):
-            click.echo(f"{PROG}: interrupted", err=True)
-            sys.exit(130)
-        except BrokenPipeError:
-            sys.stdout = open(os.devnull, "w")  # downstream of a pipe closed early (| head)
-            sys.exit(1)
-        except StbirInferError as exc:
-            if os.environ.get("STBIR_DEBUG"):
-                raise
-            _fail(str(exc), exc.exit_code)
-        except ImageDecodeError as exc:
-            _fail(str(exc), 2)
-        except Exception as exc:  # a bug, or a failure in a library below us
-            if os.environ.get("STBIR_DEBUG"):
-                raise
-            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            _fail(f"internal error: {type(exc).__name__}{': ' + detail if detail else ''} "
-                  "(set STBIR_DEBUG=1 for a traceback)", 1)
-        if standalone_mode:
-            sys.exit(rv if isinstance(rv, int) else 0)
-        return rv
+    prog = PROG
+    known = (StbirInferError, ImageDecodeError)
 
 
 def _model_option(f):
@@ -81,6 +50,11 @@ def _runtime_options(f):
     return f
 
 
+def _utf8(text: str | None) -> str | None:
+    """``text`` as it can be written as UTF-8 (an argument with undecodable bytes, escaped)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Sketch + text image search on-device: enroll a photo folder, then query it."""
@@ -94,29 +68,35 @@ def main():
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per encoder call.")
 @click.option("--hnsw-m", "M", type=click.IntRange(min=2, max=512), default=None,
-              help="HNSW M for a new index [default: 16].")
+              help=f"HNSW M for a new index [default: {HNSW_M}].")
 @click.option("--ef-construction", type=click.IntRange(min=1), default=None,
-              help="HNSW ef_construction for a new index [default: 200].")
+              help=f"HNSW ef_construction for a new index [default: {HNSW_EF_CONSTRUCTION}].")
 @click.option("--ef-search", type=click.IntRange(min=1), default=None,
-              help="Store this query-time ef as the index's default [default: 64].")
+              help=f"Store this query-time ef as the index's default [default: {HNSW_EF_SEARCH}].")
 @_runtime_options
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--follow-external-links", is_flag=True,
+              help="Also index files reached by symbolic links that leave the images folder "
+                   "(by default they are skipped and listed).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (with seconds per phase in \"timings\").")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no list of skipped files.")
 def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_search, threads,
-           int8, as_json, quiet):
+           int8, follow_external_links, as_json, quiet):
     """Add a photo folder to the index, or refresh it (only new or changed files are encoded)."""
+    from stbir_infer.paths import display
     from stbir_infer.searcher import Searcher
 
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search, M=M,
                         ef_construction=ef_construction, precision="int8" if int8 else "fp32")
     show_bar = not quiet and not as_json and sys.stderr.isatty()
-    report = searcher.enroll(images_dir, batch_size=batch_size, progress=show_bar)
+    report = searcher.enroll(images_dir, batch_size=batch_size, progress=show_bar,
+                             follow_external_links=follow_external_links)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     if not quiet:
         for path, reason in report.skipped_files[:10]:
-            click.echo(f"skipped: {path}: {reason}", err=True)
+            click.echo(f"skipped: {display(path)}: {display(reason)}", err=True)
         if len(report.skipped_files) > 10:
             click.echo(f"skipped: ... and {len(report.skipped_files) - 10} more", err=True)
     click.echo(f"{report.summary()} ({report.seconds:.1f} s)")
@@ -144,6 +124,8 @@ def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, 
         raise click.BadParameter(f"{sketch}: no such file", param_hint="--sketch")
     from stbir_infer.searcher import Searcher
 
+    from stbir_infer.paths import display
+
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
                         precision="int8" if int8 else "fp32")
     hits = searcher.query(sketch=sketch, text=text, top_k=top_k)
@@ -153,38 +135,46 @@ def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, 
         contact_sheet([{"sketch": sketch, "text": text, "hits": hits, "target": expect}], sheet, top_k)
     if as_json:
         fused = sketch is not None and text is not None and bool(text.strip())
-        out = {"query": {"sketch": sketch, "text": text, "top_k": top_k,
+        # Paths in display form (valid UTF-8; Hit.to_dict adds path_bytes_b64 where it differs)
+        out = {"query": {"sketch": None if sketch is None else display(sketch),
+                         "text": _utf8(text), "top_k": top_k,
                          "fusion_weight": searcher.fusion_weight if fused else None},
-               "model": searcher.encoders.fingerprint, "index": str(searcher.index_dir),
+               "model": searcher.encoders.fingerprint, "index": display(searcher.index_dir),
                "results": [h.to_dict() for h in hits]}
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))
         return
     if not hits:
         click.echo("no results: the index is empty", err=True)
     for h in hits:
-        click.echo(f"{h.rank:>4}  {h.score:.4f}  {h.path}")
+        click.echo(f"{h.rank:>4}  {h.score:.4f}  {display(h.path)}")
     if expect:
         want = os.path.realpath(expect)
         rank = next((h.rank for h in hits if want in {os.path.realpath(p) for p in [h.path, *h.duplicates]}), None)
         click.echo(f"expected photo ranked {'first' if rank == 1 else rank or f'below the top {top_k}'}")
     if sheet:
-        click.echo(f"contact sheet: {sheet}")
+        click.echo(f"contact sheet: {display(sheet)}")
 
 
 @main.command()
 @_model_option
 @_index_option
+@click.option("--verify", is_flag=True,
+              help="Also check every export file against the sha256 in export.json.")
 @click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
-def info(model_dir, index_dir, as_json):
+def info(model_dir, index_dir, as_json, verify):
     """Index size, the model it was built with, HNSW parameters."""
+    from stbir_infer.paths import display
     from stbir_infer.searcher import Searcher
 
-    data = Searcher(model_dir, index_dir).info()
+    searcher = Searcher(model_dir, index_dir)  # loading the index checks its sha256s
+    data = searcher.info()
+    if verify:  # every export file against export.json, not only those a query reads
+        data["verified"] = searcher.encoders.verify()
     if as_json:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     exp = data["export"]
-    click.echo(f"model:       {exp['model_dir']}")
+    click.echo(f"model:       {display(exp['model_dir'])}")
     click.echo(f"  clip_model {exp['clip_model']}, embed_dim {exp['embed_dim']}, "
                f"fusion_weight {exp['fusion_weight']}, fingerprint {exp['fingerprint'][:12]}")
     click.echo(f"index:       {data['index_dir']}")
@@ -196,8 +186,13 @@ def info(model_dir, index_dir, as_json):
                f"generation {data['generation']}, updated {data['updated']}")
     click.echo(f"  hnsw: space {data['space']}, dim {data['dim']}, M {h['M']}, "
                f"ef_construction {h['ef_construction']}, ef_search {h['ef_search']}")
-    for root in data["roots"]:
+    for root in data["roots"]:  # already in display form
         click.echo(f"  root: {root}")
+    if data.get("load_error"):
+        click.echo(f"  newest generation not loaded: {data['load_error']}")
+    if verify:
+        v = data["verified"]
+        click.echo(f"verified:    {v['files']} export files ({v['bytes'] / 1e6:.1f} MB) match export.json")
 
 
 @main.command()
@@ -213,7 +208,7 @@ def info(model_dir, index_dir, as_json):
 @click.option("-q", "--quiet", is_flag=True, help="No request log.")
 def serve(model_dir, index_dir, host, port, max_body_mb, threads, int8, quiet):
     """A local web page (draw, type, see photos) and JSON API; models and index loaded once."""
-    from stbir_infer.serve import serve as run_server
+    from stbir_infer.web.server import serve as run_server
 
     run_server(model_dir, index_dir, host=host, port=port, threads=threads,
                precision="int8" if int8 else "fp32", max_body=int(max_body_mb * (1 << 20)),

@@ -1,47 +1,27 @@
 """`stbir-train`: train (the default verb), plus `synth`, `manifest` and `evaluate`.
 
-Library code raises specific exceptions; only this edge turns them into one line on stderr and an
-exit status (2: bad input or usage, 1: training could not go on).
+Library code raises specific exceptions; only the edge (``stbir_infer.cli_errors``) turns them into
+one line on stderr and an exit status (2: bad input or usage, 1: training could not go on).
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
+from stbir_infer.cli_errors import command_class
+from stbir_infer.contract import BRANCHES
 
-def _fail(msg: str, code: int):
-    click.echo(f"stbir-train: error: {msg}", err=True)
-    sys.exit(code)
-
-
-def cli_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from models import CheckpointError, ModelError
-        from stbir_train.config import ConfigError
-        from stbir_train.manifest import DataError
-        from stbir_train.train import TrainingError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, DataError, ModelError, CheckpointError) as exc:
-            _fail(str(exc), 2)
-        except TrainingError as exc:
-            _fail(str(exc), 1)
-        except KeyboardInterrupt:
-            _fail("interrupted; checkpoints written so far are intact (resume with --resume last.pt)", 130)
-    return wrapper
+PROG = "stbir-train"
+KNOWN_ERRORS = ("stbir_train.errors:StbirTrainError", "models.errors:StbirModelError")
+_Main = command_class(click.Group, PROG, KNOWN_ERRORS, interrupted=(
+    "interrupted; checkpoints written so far are intact (resume with --resume last.pt)"))
 
 
-@click.group(invoke_without_command=True)
+@click.group(cls=_Main, invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config to train with.")
-@click.option("--stage", type=click.Choice(["sketch", "image", "text", "all"]), help="Run only this stage.")
+@click.option("--stage", type=click.Choice([*BRANCHES, "all"]), help="Run only this stage.")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this checkpoint (e.g. last.pt).")
 @click.pass_context
-@cli_errors
 def main(ctx, config_path, stage, resume):
     """Train the tri-modal model: stbir-train --config CONFIG [--stage S] [--resume CKPT]."""
     if ctx.invoked_subcommand is not None:
@@ -55,8 +35,12 @@ def main(ctx, config_path, stage, resume):
 
     cfg = load_config(config_path)
     summary = train(cfg, only_stage=stage, resume=resume, log=click.echo)
-    click.echo(f"best validation sketch+text R@1 {summary['best']:.3f}; checkpoints: "
-               f"{summary['best_path']}, {summary['last_path']}")
+    if summary["best"] is None:
+        click.echo(f"no validation rows, so best.pt is the last epoch's weights; checkpoints: "
+                   f"{summary['best_path']}, {summary['last_path']}")
+    else:
+        click.echo(f"best validation sketch+text R@1 {summary['best']:.3f}; checkpoints: "
+                   f"{summary['best_path']}, {summary['last_path']}")
 
 
 @main.command()
@@ -65,7 +49,6 @@ def main(ctx, config_path, stage, resume):
 @click.option("--test-per-category", default=100, show_default=True, help="Test photos per category.")
 @click.option("--sketches-per-photo", default=2, show_default=True, help="Training sketches per photo.")
 @click.option("--seed", default=0, show_default=True)
-@cli_errors
 def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
     """Write the built-in sketch+text dataset and a config that trains on it."""
     import time
@@ -84,7 +67,6 @@ def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--seed", type=int, default=None, help="Overrides data.manifest_seed.")
-@cli_errors
 def manifest(config_path, seed):
     """Build train/val/test JSONL manifests with hard negatives."""
     from stbir_train.config import load_config
@@ -102,7 +84,6 @@ def manifest(config_path, seed):
               help="A second checkpoint (e.g. trained with stages: [all]) ranked on the same test set.")
 @click.option("--out", type=click.Path(dir_okay=False), help="results.json path (default: OUTPUT_DIR/results.json).")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@cli_errors
 def evaluate(config_path, checkpoint, compare, out, split):
     """Rank the test gallery for sketch, text and sketch+text queries; print and save metrics."""
     from stbir_train.config import load_config

@@ -15,10 +15,8 @@ from pathlib import Path
 import yaml
 
 from models.model import PRESETS, STAGE_TARGETS, ModelSpec
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file and the key."""
+from stbir_infer.contract import BRANCHES
+from stbir_train.errors import ConfigError
 
 
 @dataclass
@@ -90,8 +88,7 @@ class TrainingSpec:
     amp: bool = True  # used only on CUDA
     device: str = "auto"
     seed: int = 0
-    stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(t, 4, 5e-4) for t in
-                                                            ("sketch", "image", "text")])
+    stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(t, 4, 5e-4) for t in BRANCHES])
 
 
 @dataclass

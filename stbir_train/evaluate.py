@@ -8,7 +8,6 @@ query is one per item. The same code runs validation inside training, so the num
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from stbir_train.data import ImageCache
 from stbir_train.metrics import metrics_by_group
+from stbir_infer.contract import atomic_write_text, file_sha256
 from stbir_infer.preprocess import preprocess
 
 MODES = ("sketch", "text", "sketch+text")
@@ -111,20 +111,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def run_evaluation(cfg, checkpoint: str | Path, split: str = "test", compare: str | Path | None = None,
                    out: str | Path | None = None, echo=print) -> Path:
     """`stbir-train evaluate`: metrics of one checkpoint (and optionally a second one on the same
     rows) -> printed tables and ``results.json``; returns the JSON's path."""
-    from models import file_sha256, load_model
+    from models import load_model
     from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
 
     paths = manifest_paths(cfg)
@@ -154,4 +145,4 @@ def run_evaluation(cfg, checkpoint: str | Path, split: str = "test", compare: st
             a = runs[0]["modes"][mode]["overall"]["R@1"]
             b = runs[1]["modes"][mode]["overall"]["R@1"]
             echo(f"{mode:<11} R@1: {a:.3f} vs {b:.3f} ({a - b:+.3f})")
-    return write_json_atomic(out or cfg.out / "results.json", results)
+    return atomic_write_text(out or cfg.out / "results.json", json.dumps(results, indent=2))

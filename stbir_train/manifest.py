@@ -27,14 +27,12 @@ import numpy as np
 from PIL import Image
 
 from stbir_infer.preprocess import ImageDecodeError, open_image
+from stbir_infer.contract import atomic_write_text
 from stbir_train.config import Config
+from stbir_train.errors import DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad data on disk; the message names the file."""
 
 
 @dataclass
@@ -192,9 +190,7 @@ def build_manifests(cfg: Config, seed: int | None = None, warn=None) -> dict[str
         part = splits[split]
         rows = _rows(part, clusters[start:start + len(part)], cfg.data.negatives_per_modality, rng)
         start += len(part)
-        tmp = paths[split].with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, paths[split])
+        atomic_write_text(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return paths
 
 

@@ -60,3 +60,43 @@ def small_export(small_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "export"
     export_checkpoint(small_checkpoint, out, log=lambda *a, **k: None)
     return out
+
+
+@pytest.fixture
+def write_config():
+    """``make_config`` as a fixture: ``import conftest`` is ambiguous once sub-folders of tests/
+    have their own conftest.py."""
+    return make_config
+
+
+@pytest.fixture(scope="session")
+def small_export_int8(small_checkpoint, tmp_path_factory):
+    """``small_checkpoint`` exported with int8 variants: (dir, export.json dict, printed log)."""
+    from stbir_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("export-int8") / "small"
+    lines: list[str] = []
+    manifest = export_checkpoint(small_checkpoint, out, quantize="int8", log=lines.append)
+    return out, manifest, "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def evil_checkpoint(tmp_path_factory):
+    """(a .pt whose pickle would create ``marker`` when loaded unsafely, the marker's path).
+
+    It looks like an STBIR checkpoint from outside: the same format keys, plus one object whose
+    ``__reduce__`` calls ``exec``. ``torch.load(weights_only=True)`` must refuse it unrun."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("evil")
+    marker = folder / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    path = folder / "bad.pt"
+    torch.save({"format": "stbir-checkpoint", "format_version": 1, "model_spec": {},
+                "model": {}, "config": {}, "payload": Payload()}, path)
+    assert not marker.exists()
+    return path, marker

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_config
-
 
 def _run(*args):
     proc = subprocess.run(list(args), capture_output=True, text=True)
@@ -16,9 +14,9 @@ def _run(*args):
     return proc.stdout
 
 
-def test_cli_top1_matches_evaluate(tiny_dataset, tmp_path):
+def test_cli_top1_matches_evaluate(tiny_dataset, tmp_path, write_config):
     stages = [{"target": "all", "epochs": 2, "lr": 5e-4, "weight_decay": 0.01}]
-    config = make_config(tiny_dataset, tmp_path, **{"training.stages": stages})
+    config = write_config(tiny_dataset, tmp_path, **{"training.stages": stages})
     bindir = Path(sys.executable).parent
     _run(bindir / "stbir-train", "--config", str(config))
     ckpt = tmp_path / "out" / "checkpoints" / "best.pt"

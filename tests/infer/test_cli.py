@@ -87,3 +87,26 @@ def test_cli_help_and_unknown_option(export_dir):
     proc = subprocess.run([sys.executable, "-m", "stbir_infer", "query"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("stbir-infer: error:")
+
+
+def test_info_verify_checks_every_export_file(export_dir, gallery, tmp_path):
+    import shutil
+
+    photos, _ = gallery
+    export = tmp_path / "export"
+    shutil.copytree(export_dir, export)
+    idx = tmp_path / "idx"
+    Searcher(export, idx).enroll(photos)
+    res = run_cli("info", "--verify", "--json", "--model", export, "--index", idx)
+    assert res.exit_code == 0, res.output
+    verified = json.loads(res.stdout)["verified"]
+    assert verified["files"] == len(json.loads((export / "export.json").read_text())["files"])
+    # The text graph is not read by `info`: only --verify notices that it was modified.
+    graph = export / "text_encoder.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    assert run_cli("info", "--model", export, "--index", idx).exit_code == 0
+    res = run_cli("info", "--verify", "--model", export, "--index", idx)
+    assert res.exit_code == 2 and one_error_line(res.stderr)
+    assert "text_encoder.onnx" in res.stderr

@@ -1,0 +1,139 @@
+"""One training step and one epoch of steps.
+
+``step_losses`` is the loss of a batch for a stage (it reads only the ``loss`` config section);
+``run_epoch`` walks a loader: learning-rate schedule, forward, a finite-loss check, backward,
+clipping, the optimiser step, and running sums for the log.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from stbir_infer.contract import BRANCHES
+from stbir_train import losses as L
+from stbir_train.errors import TrainingError
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of a stage's steps, then cosine down to 10%."""
+    warm = max(1, int(0.05 * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _encode(fn, x: torch.Tensor, trainable: bool) -> torch.Tensor:
+    """Run a branch; a frozen one runs without building a graph (it is an anchor)."""
+    if trainable:
+        return fn(x)
+    with torch.no_grad():
+        return fn(x)
+
+
+def step_losses(model, batch: dict, loss_cfg, target: str) -> dict[str, torch.Tensor]:
+    """The loss terms (unweighted) of one batch for a stage whose learning branch is ``target``;
+    ``loss_cfg`` is the config's ``loss`` section (a term with weight 0 is not computed)."""
+    learns = {b: target in (b, "all") for b in BRANCHES}
+    w = loss_cfg.weights
+    s = _encode(model.encode_sketch, batch["sketch"], learns["sketch"])
+    i = _encode(model.encode_image, batch["image"], learns["image"])
+    t = _encode(model.encode_text, batch["tokens"], learns["text"])
+    q = model.fuse(s, t)
+    out = {}
+    neg_i = neg_q = None
+    if "neg_images" in batch:
+        b, k = batch["neg_images"].shape[:2]
+        neg_i = _encode(model.encode_image, batch["neg_images"].flatten(0, 1), learns["image"])
+        neg_s = _encode(model.encode_sketch, batch["neg_sketches"].flatten(0, 1), learns["sketch"])
+        neg_t = _encode(model.encode_text, batch["neg_tokens"].flatten(0, 1), learns["text"])
+        neg_q = model.fuse(neg_s, neg_t).view(b, k, -1)
+        neg_i = neg_i.view(b, k, -1)
+    if w.infonce:
+        out["infonce"] = L.info_nce(q, i, loss_cfg.temperature,
+                                    None if neg_i is None else neg_i.flatten(0, 1))
+    if w.triplet:
+        if neg_i is None:  # no manifest negatives loaded: the other items of the batch
+            neg_i, neg_q = L.in_batch_negatives(i), L.in_batch_negatives(q)
+        out["triplet"] = (L.cosine_triplet(q, i, neg_i, loss_cfg.triplet_margin)
+                          + L.cosine_triplet(i, q, neg_q, loss_cfg.triplet_margin)) / 2
+    if w.fusion and (learns["image"] or learns["sketch"]):
+        n = loss_cfg.fusion_items or len(i)  # the mosaic costs one more image pass: cap it
+        specs = model.input_specs()
+        mosaic = L.fuse_quad(batch["image"][:n], batch["sketch"][:n], specs["image"], specs["sketch"])
+        f = _encode(model.encode_image, mosaic, learns["image"])
+        out["fusion"] = L.fusion_consistency(f, i[:n], s[:n])
+    if w.arcface and model.arcface is not None:
+        y = batch["label"]
+        out["arcface"] = (L.arcface_loss(model.arcface.logits(q, y), y)
+                          + L.arcface_loss(model.arcface.logits(i, y), y)) / 2
+    return out
+
+
+def total_loss(terms: dict[str, torch.Tensor], loss_cfg) -> torch.Tensor:
+    return sum(getattr(loss_cfg.weights, k) * v for k, v in terms.items())
+
+
+@dataclass
+class StageRun:
+    """What one stage's epochs share: its optimiser, the step function, the schedule position."""
+
+    index: int
+    target: str
+    epochs: int
+    lr: float
+    optimizer: torch.optim.Optimizer
+    params: list
+    step_fn: object  # (batch, loss_cfg, target) -> loss terms; DDP-wrapped under torchrun
+    steps_per_epoch: int
+    step: int = 0  # optimiser steps taken in this stage
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def run_epoch(model, stage: StageRun, loader, epoch: int, *, loss_cfg, grad_clip: float,
+              device: torch.device, amp: bool, show_progress: bool, last_good: str) -> dict:
+    """Train ``model`` for one pass over ``loader``; returns the mean of each loss term.
+
+    A non-finite loss raises TrainingError before the step, so no bad weights are kept."""
+    model.train()
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, total=stage.steps_per_epoch, disable=not show_progress or None,
+               leave=False, desc=f"{stage.target} {epoch + 1}/{stage.epochs}", file=sys.stderr)
+    for batch in bar:
+        for g in stage.optimizer.param_groups:
+            g["lr"] = stage.lr * lr_factor(stage.step, stage.total_steps)
+        batch = _to(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            terms = stage.step_fn(batch, loss_cfg, stage.target)
+            loss = total_loss(terms, loss_cfg)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at stage {stage.target}, epoch {epoch + 1}, step "
+                f"{stage.step + 1}; stopped without saving. The last good checkpoint is "
+                f"{last_good} (if one was written); lower the learning rate and resume")
+        stage.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(stage.params, grad_clip)
+        stage.optimizer.step()
+        stage.step += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["total"] = sums.get("total", 0.0) + float(loss.detach())
+        if show_progress:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    bar.close()
+    n = max(stage.steps_per_epoch, 1)
+    return {k: v / n for k, v in sums.items()}
