@@ -266,6 +266,25 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def model_args(p: argparse.ArgumentParser) -> None:
+    """--preset / --model: a random-init preset, or an export dir to measure instead."""
+    p.add_argument("--preset", default="small", choices=("small", "seed"),
+                   help="random-init model preset when no --model (default %(default)s)")
+    p.add_argument("--model", type=Path, default=None, help="use this export dir instead")
+
+
+def md_header(title: str, machine: dict) -> list[str]:
+    """The first lines of every benchmark's markdown: its title and the machine it ran on."""
+    return [title, f"Machine: {machine_line(machine)}", ""]
+
+
+def begin(name: str, threads: int) -> tuple[dict, float]:
+    """Pin the thread count and start a result record: ({benchmark, command, machine}, t0)."""
+    pin_threads(threads)
+    t_start = time.perf_counter()
+    return {"benchmark": name, "command": command_line(), "machine": machine_info(threads)}, t_start
+
+
 def finish(name: str, result: dict, out: Path, markdown: str, t_start: float) -> None:
     """Stamp the end time, store the markdown with the JSON, write it, print the tables."""
     result["markdown"] = markdown

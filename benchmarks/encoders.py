@@ -189,8 +189,7 @@ def targets_for(info: dict) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    parts = ["### Encoders: torch eager vs onnxruntime fp32 vs int8",
-             f"Machine: {common.machine_line(result['machine'])}", ""]
+    parts = common.md_header("### Encoders: torch eager vs onnxruntime fp32 vs int8", result["machine"])
     for info in result["presets"]:
         sz = info["input_size"]
         parts.append(f"**{info['preset']}** preset ({info['clip_model']} towers, "
@@ -218,21 +217,17 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.pin_threads(args.threads)
-    t_start = time.perf_counter()
+    result, t_start = common.begin("encoders", args.threads)
     import torch
 
     torch.set_num_threads(args.threads)
-    log = common.log
-    result = {"benchmark": "encoders", "command": common.command_line(),
-              "machine": common.machine_info(args.threads),
-              "settings": {"batches": args.batches, "repeats_max": args.repeats,
+    result.update({"settings": {"batches": args.batches, "repeats_max": args.repeats,
                            "warmup": args.warmup, "budget_s_per_cell": args.budget,
                            "quick": args.quick, "timing": "2 passes of per-backend blocks (warm-up "
                            "+ timed calls); p50/p95 over the timed calls of one cell"},
-              "presets": []}
+                   "presets": []})
     for preset in args.presets:
-        result["presets"].append(bench_preset(preset, args, log))
+        result["presets"].append(bench_preset(preset, args, common.log))
     result["targets"] = [t for info in result["presets"] for t in targets_for(info)]
     common.finish("encoders", result, args.out, markdown(result), t_start)
     return result

@@ -35,9 +35,7 @@ import common  # noqa: E402
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", choices=("small", "seed"),
-                   help="random-init model preset when no --model (default %(default)s)")
-    p.add_argument("--model", type=Path, default=None, help="use this export dir instead")
+    common.model_args(p)
     p.add_argument("--label", default=None, help="what to call --model in the tables")
     p.add_argument("--images", type=int, default=300, help="photos to generate (default %(default)s)")
     p.add_argument("--photo-size", type=int, default=96,
@@ -66,8 +64,7 @@ def median_time(fn, repeats: int) -> float:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.pin_threads(args.threads)
-    t_start = time.perf_counter()
+    result, t_start = common.begin("enroll", args.threads)
     import numpy as np
 
     from stbir_infer import gallery as _gallery
@@ -76,14 +73,13 @@ def main(argv=None) -> dict:
     from stbir_infer.contract import file_sha256
     from stbir_infer.searcher import Searcher
 
-    log = common.log
     work = Path(tempfile.mkdtemp(prefix="stbir-bench-enroll-", dir=args.workdir))
     try:
         model = args.model
         if model is None:
-            log(f"exporting a random-init {args.preset} model ...")
+            common.log(f"exporting a random-init {args.preset} model ...")
             model, _ = common.random_export(args.preset, work, quantize=args.precision == "int8")
-        log(f"generating {args.images} photos ({args.photo_size} px {args.format}) ...")
+        common.log(f"generating {args.images} photos ({args.photo_size} px {args.format}) ...")
         rows = common.synth_images(work / "photos", args.images, size=args.photo_size, seed=5,
                                    fmt_ext=args.format)
         paths = [str(r["photo"]) for r in rows]
@@ -140,8 +136,7 @@ def main(argv=None) -> dict:
         parts = {"sha256": t_hash, "decode+preprocess (1 thread)": t_decode, "encode (pure)": t_pure,
                  "hnswlib add": t_add, "index save": t_save,
                  "image session load (once per process, not in enroll's time)": t_load}
-        result = {"benchmark": "enroll", "command": common.command_line(),
-                  "machine": common.machine_info(args.threads),
+        result.update({
                   "settings": {"model": args.label or (str(args.model) if args.model else
                                                         f"random-init {args.preset} preset"),
                                "images": n,
@@ -153,13 +148,13 @@ def main(argv=None) -> dict:
                   "ratio_enroll_to_pure": t_pure / t_enroll,
                   "enroll_seconds": t_enroll, "refresh_seconds": t_refresh,
                   "parts_seconds": parts,
-                  "enroll_minus_pure_seconds": t_enroll - t_pure}
+                  "enroll_minus_pure_seconds": t_enroll - t_pure})
         result["targets"] = [common.target("enroll / pure encoder throughput",
                                            result["ratio_enroll_to_pure"], 0.8, ">=")]
 
         st = result["settings"]
-        md = ["### Enroll: Searcher.enroll vs the image encoder alone",
-              f"Machine: {common.machine_line(result['machine'])}", "",
+        md = [*common.md_header("### Enroll: Searcher.enroll vs the image encoder alone",
+                                result["machine"]),
               f"{n} generated photos ({st['photo_size']} px {st['format'].upper()}, "
               f"{folder_mb:.1f} MB), {st['model']} (image input {spec['size']} px, "
               f"{args.precision}), batch {bs}, median of {args.repeats}.", "",

@@ -235,8 +235,7 @@ def targets_for(result: dict) -> list[dict]:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    parts = ["### Vector index: hnswlib vs exact numpy vs faiss",
-             f"Machine: {common.machine_line(result['machine'])}", "",
+    parts = [*common.md_header("### Vector index: hnswlib vs exact numpy vs faiss", result["machine"]),
              f"{s['dim']}-d unit vectors, top {K}, {s['queries']} queries (exact searches timed "
              f"on {s['exact_queries']}); qps = one query per call; batch qps = all queries in one "
              f"call on {result['machine']['threads']} threads. Recall@10 against exact search.",
@@ -261,24 +260,20 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.pin_threads(args.threads)
-    t_start = time.perf_counter()
-    log = common.log
-    faiss_ok = have_faiss() and not args.no_faiss
-    result = {"benchmark": "index", "command": common.command_line(),
-              "machine": common.machine_info(args.threads), "faiss": faiss_ok,
-              "settings": {"dim": args.dim, "k": K, "queries": args.queries,
+    result, t_start = common.begin("index", args.threads)
+    faiss_ok = result["faiss"] = have_faiss() and not args.no_faiss
+    result.update({"settings": {"dim": args.dim, "k": K, "queries": args.queries,
                            "exact_queries": args.exact_queries, "efs": args.efs, "M": M,
                            "ef_construction": EF_CONSTRUCTION, "sizes": args.sizes,
                            "dists": args.dists, "uniform_max": args.uniform_max,
                            "quick": args.quick,
                            "memory": "numpy nbytes; hnswlib save_index file size; faiss "
                                      "serialize_index length"},
-              "runs": []}
+                   "runs": []})
     for n in args.sizes:
         for dist in args.dists:
             if dist == "uniform" and n > args.uniform_max:
-                log(f"[{n:>9,} uniform  ] skipped (above --uniform-max {args.uniform_max:,})")
+                common.log(f"[{n:>9,} uniform  ] skipped (above --uniform-max {args.uniform_max:,})")
                 continue
             X, Q = vectors(dist, n, args.queries, args.dim, args.seed)
             truth = exact_topk(X, Q)
@@ -291,7 +286,7 @@ def main(argv=None) -> dict:
                 m = fn(X, Q, truth, args, *extra)
                 run["methods"].append(m)
                 best = m["rows"][min(2, len(m["rows"]) - 1)]
-                log(f"[{n:>9,} {dist:9s}] {name:11s} build {m['build_s']:6.1f} s  "
+                common.log(f"[{n:>9,} {dist:9s}] {name:11s} build {m['build_s']:6.1f} s  "
                     f"{m['memory_mb']:7.1f} MB  recall {best['recall@10']:.3f}  "
                     f"{best['qps']:9,.0f} qps" + (f" (ef {best['ef']})" if best["ef"] else ""))
             result["runs"].append(run)

@@ -108,14 +108,8 @@ def run(args, log) -> dict:
             from stbir_export import export_checkpoint
 
             log(f"exporting {args.checkpoint} with int8 graphs ...")
-            import logging
-
             export = work / "export"
-            logging.disable(logging.WARNING)  # open_clip: "initialized randomly" (weights follow)
-            try:
-                export_checkpoint(args.checkpoint, export, quantize="int8", log=lambda *a, **k: None)
-            finally:
-                logging.disable(logging.NOTSET)
+            export_checkpoint(args.checkpoint, export, quantize="int8", log=lambda *a, **k: None)
         out = {"split": args.split, "gallery": len(rows), "source": str(args.checkpoint or export),
                "precisions": {}}
         vecs = {}
@@ -163,16 +157,12 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.pin_threads(args.threads)
-    t_start = time.perf_counter()
-    log = common.log
-    result = {"benchmark": "quantization", "command": common.command_line(),
-              "machine": common.machine_info(args.threads)}
+    result, t_start = common.begin("quantization", args.threads)
     if not (args.checkpoint or args.export):
         result.update(quality=None, note=SKIP_NOTE, targets=[common.target(
             "int8 sketch+text R@10 drop vs fp32 (points)", None, 1.0, "<=", SKIP_NOTE)])
     else:
-        q = run(args, log)
+        q = run(args, common.log)
         drop = 100 * (q["precisions"]["fp32"]["modes"]["sketch+text"]["R@10"]
                       - q["precisions"]["int8"]["modes"]["sketch+text"]["R@10"])
         cos = min(v["min"] for v in q["cosine_int8_to_fp32"].values())

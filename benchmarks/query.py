@@ -39,9 +39,7 @@ TOP_K = 10
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", choices=("small", "seed"),
-                   help="random-init model preset when no --model (default %(default)s)")
-    p.add_argument("--model", type=Path, default=None, help="use this export dir instead")
+    common.model_args(p)
     p.add_argument("--index", type=Path, default=None,
                    help="use this index dir (with --model) instead of enrolling a generated gallery")
     p.add_argument("--gallery", type=int, default=500, help="generated photos to enroll")
@@ -212,8 +210,8 @@ def targets_for(result: dict) -> list[dict]:
 
 def markdown(result: dict) -> str:
     st = result["settings"]
-    parts = ["### Query latency: Searcher.query end to end, by phase",
-             f"Machine: {common.machine_line(result['machine'])}", "",
+    parts = [*common.md_header("### Query latency: Searcher.query end to end, by phase",
+                               result["machine"]),
              f"{st['model']}; gallery of {result['gallery_size']} images; top {TOP_K}; "
              f"{st['repeats']} queries per mode for the steps and as many for Searcher.query; p50 ms. "
              "Overhead = Searcher.query - encoding - search (preprocessing, fusion, the "
@@ -244,22 +242,18 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    common.pin_threads(args.threads)
-    t_start = time.perf_counter()
+    result, t_start = common.begin("query", args.threads)
     from stbir_infer import gallery as _gallery
     from stbir_infer.searcher import Searcher
 
-    log = common.log
     work = Path(tempfile.mkdtemp(prefix="stbir-bench-query-", dir=args.workdir))
     try:
-        model, index, queries = setup(args, work, log)
-        result = {"benchmark": "query", "command": common.command_line(),
-                  "machine": common.machine_info(args.threads),
-                  "settings": {"model": str(args.model) if args.model else
+        model, index, queries = setup(args, work, common.log)
+        result.update({"settings": {"model": str(args.model) if args.model else
                                f"random-init {args.preset} preset", "repeats": args.repeats,
                                "warmup": args.warmup, "top_k": TOP_K, "quick": args.quick,
                                "cold_runs": args.cold_runs},
-                  "modes": []}
+                       "modes": []})
         gidx = _gallery.GalleryIndex.load(index, threads=args.threads)
         result["gallery_size"] = len(gidx)
         for precision in args.precisions:
@@ -267,10 +261,10 @@ def main(argv=None) -> dict:
             for mode in MODES:
                 r = {"precision": precision, **bench_mode(searcher, gidx, queries, mode, args)}
                 result["modes"].append(r)
-                log(f"[{precision}] {mode:11s} total {r['phases']['total']['p50_ms']:7.2f} ms, "
+                common.log(f"[{precision}] {mode:11s} total {r['phases']['total']['p50_ms']:7.2f} ms, "
                     f"encode {r['encode']['p50_ms']:7.2f}, search {r['phases']['search']['p50_ms']:.3f}"
                     f", overhead {100 * r['overhead_share']:.1f}%")
-        log("timing process cold starts ...")
+        common.log("timing process cold starts ...")
         result["cold_start"] = cold_start(model, index, queries[0], args)
         result["targets"] = targets_for(result)
         common.finish("query", result, args.out, markdown(result), t_start)

@@ -18,18 +18,6 @@ from stbir_export.cli import main
 from stbir_infer import contract
 
 
-@pytest.fixture(scope="module")
-def small_model(small_checkpoint):
-    model, _ = load_model(small_checkpoint)
-    return model
-
-
-@pytest.fixture(scope="module")
-def exported(small_export_int8):
-    """One int8 export of the small preset (tests/conftest.py), reused by every reading test."""
-    return small_export_int8
-
-
 # -- the export dir -------------------------------------------------------------------------------
 
 def test_manifest_follows_the_contract(exported, small_model):

@@ -20,18 +20,6 @@ TEXTS = ["a red circle", "", "a small blue square made of wood", "green triangle
          " ".join(["very long caption"] * 40), "Caf\u00e9 &amp; THE yellow star", "two lines"]
 
 
-@pytest.fixture(scope="module")
-def small_model(small_checkpoint):
-    model, _ = load_model(small_checkpoint)
-    return model
-
-
-@pytest.fixture(scope="module")
-def exported(small_export_int8):
-    """One int8 export of the small preset (tests/conftest.py), reused by every reading test."""
-    return small_export_int8
-
-
 def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
