@@ -25,6 +25,14 @@ Bounded work per image (sketches, photos, the web API and enroll all come throug
   well-defined centre crop, and this path costs ``size``^2 whatever the shape. Images at most
   that elongated keep the exact resize-then-crop of before (the box path rounds a few pixels
   one level differently, and parity with open_clip is tested to 1e-4).
+* an image of more than ``LEAN_PIXELS`` decoded pixels whose short side is at least
+  ``DRAFT_FACTOR`` x the target (the large-JPEG rule, for formats without a reduced-scale decode)
+  goes through the per-pixel conversions (16-bit scaling, palette, alpha onto white, RGB / L) in
+  bands of about a megapixel, each box-reduced (PIL ``reduce``) by the integer factor that keeps
+  the short side >= 2 x the target, and the EXIF orientation is applied to the reduced image. So
+  no full-size copy is made: a 49 MP RGBA or 16-bit PNG costs its decoded pixels plus a few MB,
+  not the 0.7 to 1.3 GB that the full-size conversions took. Like the JPEG draft, this changes
+  pixels slightly against the full path, so only images that large take it.
 """
 
 from __future__ import annotations
@@ -49,9 +57,17 @@ MAX_PIXELS = 50_000_000
 # Long side / short side above which the resize goes straight into the crop (see above).
 MAX_INTERMEDIATE = 8
 DRAFT_FACTOR = 4
+# Decoded pixels above which a large image is converted in bands and reduced (see above).
+LEAN_PIXELS = 8_000_000
+_BAND_PIXELS = 1 << 20
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
+_EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                 4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
 
-__all__ = ["DRAFT_FACTOR", "ImageDecodeError", "MAX_INTERMEDIATE", "MAX_PIXELS", "load",
-           "open_image", "preprocess"]
+__all__ = ["DRAFT_FACTOR", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE", "MAX_PIXELS",
+           "load", "open_image", "preprocess"]
 
 
 def _label(source) -> str:
@@ -104,17 +120,11 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
             _draft(img, target)
             _check_pixels(img, label)
         img.load()
+        factor = _lean_factor(img, target)
+        if factor > 1:
+            return _reduce_in_bands(img, channels, factor)
         img = ImageOps.exif_transpose(img) or img
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(img, np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img.convert("RGBA"))
-        return img.convert("L" if channels == 1 else "RGB")
+        return _convert(img, channels)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -123,6 +133,49 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
         raise ImageDecodeError(f"{label}: not enough memory to decode it") from None
     except Exception as exc:  # PIL raises several types for a bad or truncated file
         raise ImageDecodeError(f"{label}: not a readable image ({_one_line(exc)})") from None
+
+
+def _convert(img: Image.Image, channels: int, top: float | None = None) -> Image.Image:
+    """The per-pixel conversions to 8-bit L / RGB (``top``: the 16-bit / float scale, None: from
+    this image)."""
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img, np.float64)
+        if top is None:
+            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def _lean_factor(img: Image.Image, target: int | None) -> int:
+    """The box-reduce factor for an image too large to convert at full size (1: convert as is)."""
+    w, h = img.size
+    if not target or w * h <= LEAN_PIXELS or min(w, h) < DRAFT_FACTOR * int(target):
+        return 1
+    return max(1, min(w, h) // (2 * int(target)))
+
+
+def _reduce_in_bands(img: Image.Image, channels: int, factor: int) -> Image.Image:
+    """``_convert`` in bands of rows (a multiple of ``factor``), each reduced by ``factor``, then
+    the EXIF orientation: never a full-size copy of the image."""
+    w, h = img.size
+    orientation = img.getexif().get(0x0112)  # read as exif_transpose reads it
+    rows = max(1, _BAND_PIXELS // (w * factor)) * factor
+    top = None
+    if img.mode in _SIXTEEN_BIT and not img.mode.startswith("I;16"):
+        peak = np.max([np.asarray(img.crop((0, y, w, min(h, y + rows)))).max()
+                       for y in range(0, h, rows)])
+        top = 65535.0 if peak > 255 else 255.0
+    out = Image.new("L" if channels == 1 else "RGB", (-(-w // factor), -(-h // factor)))
+    for y in range(0, h, rows):
+        band = _convert(img.crop((0, y, w, min(h, y + rows))), channels, top)
+        out.paste(band.reduce(factor), (0, y // factor))
+    method = _EXIF_METHODS.get(orientation) if isinstance(orientation, int) else None
+    return out.transpose(method) if method is not None else out
 
 
 def preprocess(img: Image.Image, spec: dict) -> np.ndarray:

@@ -171,3 +171,79 @@ def test_image_decode_error_is_a_runtime_error_and_errors_import_no_preprocess(t
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-1000:]
+
+
+def png_bomb(width: int, height: int, color_type: int, bit_depth: int = 8) -> bytes:
+    """A valid PNG of width x height black pixels: a few hundred KB that decode to hundreds of MB
+    (built row by row, never as a whole raw image)."""
+    channels = {0: 1, 2: 3, 6: 4}[color_type]
+    row = b"\x00" * (1 + width * channels * bit_depth // 8)
+    comp = zlib.compressobj(9)
+    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("color_type,bit_depth,spec", [(6, 8, IMAGE_SPEC), (0, 16, SKETCH_SPEC),
+                                                       (0, 16, IMAGE_SPEC), (6, 8, SKETCH_SPEC)])
+def test_bombs_under_the_pixel_cap_cost_under_256_mb(tmp_path, color_type, bit_depth, spec):
+    """Found by benchmarks/fuzz.py: a 49 MP RGBA PNG (under MAX_PIXELS) took ~740 MB at peak
+    through the full-size alpha flattening, a 49 MP 16-bit PNG ~1.3 GB through float64 copies.
+    Such images are converted in bands and box-reduced now: their decoded pixels plus a few MB."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_bomb(7000, 7000, color_type, bit_depth))
+    assert 7000 * 7000 < P.MAX_PIXELS and path.stat().st_size < 2_000_000
+    r = measure(path, spec)
+    assert "error" not in r, r
+    assert r["shape"] == [spec["channels"], 64, 64] and r["finite"]
+    assert r["peak_mb"] < PEAK_MB, r
+
+
+def _large_picture(mode: str) -> Image.Image:
+    """3000 x 2800 (8.4 MP, over LEAN_PIXELS) of smooth content in ``mode``."""
+    y, x = np.mgrid[0:2800, 0:3000]
+    r, g, b = (x * 255 // 2999), (y * 255 // 2799), ((x + y) * 255 // 5798)
+    if mode == "RGBA":
+        a = 40 + (x + 2 * y) * 215 // 8597
+        return Image.fromarray(np.stack([r, g, b, a], -1).astype(np.uint8), "RGBA")
+    if mode == "I;16":
+        return Image.fromarray((x * 16 + y * 4).astype(np.uint16))
+    if mode == "P":
+        return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8)).quantize(64)
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "I;16", "P", "RGB"])
+@pytest.mark.parametrize("spec", [IMAGE_SPEC, SKETCH_SPEC])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_large_images_reduced_in_bands_match_the_full_path(tmp_path, monkeypatch, mode, spec,
+                                                           orientation):
+    """The banded, box-reduced path gives the same picture (within resampling differences) as
+    converting at full size, EXIF orientation included."""
+    img = _large_picture(mode)
+    assert img.width * img.height > P.LEAN_PIXELS
+    path = tmp_path / "large.png"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, exif=exif.tobytes())
+    lean = P.load(path, spec)
+    monkeypatch.setattr(P, "LEAN_PIXELS", 10**12)
+    full = P.load(path, spec)
+    assert lean.shape == full.shape == (spec["channels"], 64, 64)
+    diff = np.abs(lean - full) * np.asarray(spec["std"], np.float32)[:, None, None] * 255
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) < 8, (diff.mean(), diff.max())
+
+
+def test_images_up_to_lean_pixels_take_the_full_path(monkeypatch):
+    """At or under LEAN_PIXELS nothing changed: the banded path is not entered."""
+    called = []
+    monkeypatch.setattr(P, "_reduce_in_bands", lambda *a: called.append(a))
+    img = Image.new("RGBA", (2000, 4000), (10, 20, 30, 128))
+    assert img.width * img.height == P.LEAN_PIXELS
+    assert P.load(img, IMAGE_SPEC).shape == (3, 64, 64) and not called
