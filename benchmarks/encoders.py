@@ -26,7 +26,6 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,14 +33,14 @@ import common  # noqa: E402
 
 ENCODERS = ("sketch", "image", "text")
 BACKENDS = ("torch", "ort-fp32", "ort-int8")
-PRESETS = ("small", "seed")
+PRESETS = ("small", "seed", "edge")
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="small,seed",
-                   help="comma-separated model presets (small, seed); default %(default)s")
+                   help="comma-separated model presets (small, seed, edge); default %(default)s")
     p.add_argument("--batches", default="1,16", help="batch sizes; default %(default)s")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per cell (max)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per backend first")

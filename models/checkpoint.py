@@ -29,14 +29,21 @@ def save_checkpoint(path: str | Path, model: STBIRModel, **state) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def load_tensors(path: str | Path, what: str = "checkpoint"):
+    """``torch.load`` of a file we may have been sent: tensors and plain containers only
+    (``weights_only``), never code; any failure is one CheckpointError line."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: {what} not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({load_failure(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({load_failure(exc)})") from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    ckpt = load_tensors(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an STBIR checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
