@@ -5,8 +5,11 @@ An *input spec* is a plain dict (it is written into ``export.json``)::
     {"size": 64, "channels": 3, "mean": [...], "std": [...],
      "interpolation": "bicubic", "resize_mode": "shortest"}
 
-Resize the shortest side to ``size`` (PIL, so it matches open_clip's torchvision ``Resize`` on PIL
-images), centre-crop to ``size`` x ``size``, scale to [0, 1], normalise per channel.
+``resize_mode`` "shortest": resize the shortest side to ``size`` (PIL, so it matches open_clip's
+torchvision ``Resize`` on PIL images), centre-crop to ``size`` x ``size``. "pad" (plus
+``pad_fill``, 0-255 per channel, default white): resize the longest side to ``size`` and centre
+the picture on a ``size`` square of the fill, so nothing is cut off (a wide sketch keeps the
+strokes at its ends; README, "Real photos"). Then scale to [0, 1] and normalise per channel.
 
 Bounded work per image (sketches, photos, the web API and enroll all come through here):
 
@@ -67,7 +70,7 @@ _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_1
                  8: Image.Transpose.ROTATE_90}
 
 __all__ = ["DRAFT_FACTOR", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE", "MAX_PIXELS",
-           "load", "open_image", "preprocess"]
+           "load", "open_image", "pad_fill", "preprocess"]
 
 
 def _label(source) -> str:
@@ -179,11 +182,31 @@ def _reduce_in_bands(img: Image.Image, channels: int, factor: int) -> Image.Imag
 
 
 def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
-    """One decoded image -> float32 array [C, size, size], normalised as the spec says."""
+    """One decoded image -> float32 array [C, size, size], normalised as the spec says.
+
+    ``resize_mode``: "shortest" (short side to ``size``, centre crop: open_clip's default) or
+    "pad" (long side to ``size``, centred on a square of ``pad_fill``: nothing is cut off)."""
+    mode = spec.get("resize_mode", "shortest")
+    if mode == "pad":
+        img = _pad(img, spec)
+    elif mode == "shortest":
+        img = _shortest_crop(img, spec)
+    else:
+        raise ValueError(f"unsupported resize_mode {mode!r}")
+    arr = np.asarray(img, np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    mean = np.asarray(spec["mean"], np.float32)[:, None, None]
+    std = np.asarray(spec["std"], np.float32)[:, None, None]
+    return (arr - mean) / std
+
+
+def _shortest_crop(img: Image.Image, spec: dict) -> Image.Image:
+    """"shortest": the short side resized to ``size``, then the centre ``size`` square."""
     size = int(spec["size"])
     w, h = img.size
-    if spec.get("resize_mode", "shortest") != "shortest":
-        raise ValueError(f"unsupported resize_mode {spec['resize_mode']!r}")
     # torchvision's Resize(int) rounds the long side down; do the same so crops line up.
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     left = int(round((new_w - size) / 2.0))
@@ -193,19 +216,31 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
         # Resize only the part of the picture the centre crop keeps (in source coordinates).
         sx, sy = w / new_w, h / new_h
         box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-        img = img.resize((size, size), resample, box=box)
-    else:
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample)
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, np.float32) / 255.0
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    mean = np.asarray(spec["mean"], np.float32)[:, None, None]
-    std = np.asarray(spec["std"], np.float32)[:, None, None]
-    return (arr - mean) / std
+        return img.resize((size, size), resample, box=box)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    return img.crop((left, top, left + size, top + size))
+
+
+def pad_fill(spec: dict) -> tuple[int, ...]:
+    """The "pad" mode's fill, 0-255 per channel: the spec's ``pad_fill``, else white."""
+    fill = spec.get("pad_fill") or [255] * int(spec["channels"])
+    return tuple(int(v) for v in fill)
+
+
+def _pad(img: Image.Image, spec: dict) -> Image.Image:
+    """"pad": the long side resized to ``size`` (aspect kept), centred on a ``size`` square of
+    ``pad_fill``. Nothing is cut off; the work is bounded by the source pixels plus size^2."""
+    size = int(spec["size"])
+    w, h = img.size
+    s = size / max(w, h)
+    new_w, new_h = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _RESAMPLE[spec.get("interpolation", "bicubic")])
+    fill = pad_fill(spec)
+    canvas = Image.new(img.mode, (size, size), fill[0] if img.mode == "L" else fill)
+    canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+    return canvas
 
 
 def load(source: str | Path | Image.Image, spec: dict) -> np.ndarray:
