@@ -12,8 +12,10 @@
     undo: $("undo"), clear: $("clear"), upload: $("upload"), uploadName: $("upload-name"),
     text: $("text"), topK: $("top-k"), auto: $("auto"), search: $("search"),
     status: $("status"), results: $("results"), info: $("gallery-info"), hint: $("canvas-hint"),
-    wrap: $("canvas-wrap"),
+    wrap: $("canvas-wrap"), weight: $("sketch-weight"), weightOut: $("sketch-weight-value"),
+    minScore: $("min-score"),
   };
+  let weightTouched = false;   // send sketch_weight only once the slider was moved
   const DEBOUNCE_MS = 450;
   const INK = "#111", PAPER = "#fff";
 
@@ -221,6 +223,12 @@
     return Number.isFinite(v) && v >= 1 ? Math.min(v, max) : 12;
   }
   ui.search.addEventListener("click", () => search());
+  ui.weight.addEventListener("input", () => {
+    weightTouched = true;
+    ui.weightOut.textContent = Number(ui.weight.value).toFixed(2);
+    changed();
+  });
+  ui.minScore.addEventListener("change", () => changed(true));
 
   function canvasBlob() {
     return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
@@ -241,6 +249,8 @@
     if (hasSketch) form.append("sketch", await canvasBlob(), "sketch.png");
     if (text) form.append("text", text);
     form.append("top_k", String(topK));
+    if (weightTouched) form.append("sketch_weight", ui.weight.value);
+    if (ui.minScore.checked) form.append("min_score", "auto");
 
     if (inflight) inflight.abort();
     const controller = new AbortController();
@@ -274,7 +284,9 @@
   function render(data) {
     const by = [data.query.sketch ? "sketch" : null, data.query.text ? "text" : null].filter(Boolean).join(" + ");
     const n = data.results.length;
-    ui.status.textContent = `${n} result${n === 1 ? "" : "s"} by ${by} · ${Math.round(data.took_ms)} ms`;
+    ui.status.textContent = data.no_match
+      ? `no match above ${Number(data.query.min_score).toFixed(3)} (by ${by} · ${Math.round(data.took_ms)} ms)`
+      : `${n} result${n === 1 ? "" : "s"} by ${by} · ${Math.round(data.took_ms)} ms`;
     const items = data.results.map((r) => {
       const li = document.createElement("li");
       li.className = "result";
@@ -323,6 +335,8 @@
       ui.info.textContent = `${h.images} image${h.images === 1 ? "" : "s"} · ${h.model.clip_model || "model"} ` +
         `${String(h.model.fingerprint).slice(0, 8)} · ${h.model.precision}`;
       ui.topK.max = String(h.limits.max_top_k);
+      if (typeof h.model.fusion_weight === "number") ui.weight.value = String(h.model.fusion_weight);
+      ui.minScore.disabled = !h.model.score_threshold;
     } catch (err) {
       ui.info.textContent = `server unreachable: ${err.message}`;
       ui.info.classList.add("error");

@@ -1,0 +1,186 @@
+"""Query fusion and score thresholds at run time (export.json's ``fusion``, ``combiner`` and
+``score_threshold``; exports without them get the weighted mean and no "auto" threshold).
+
+Fusion of a sketch vector ``s`` and a text vector ``t`` with sketch weight ``w`` in [0, 1]
+(``w`` None: the export's default, picked on validation at training time):
+
+- weighted mean (no Combiner in the export): normalize(w * s + (1 - w) * t);
+- Combiner (``combiner.onnx``): at the default weight ``w0`` the Combiner's vector ``c``; above it
+  an interpolation toward the sketch-only vector, ``normalize((1 - a) c + a s)`` with
+  ``a = (w - w0) / (1 - w0)``; below it toward the text-only vector with ``a = (w0 - w) / w0``.
+  So ``w = 1`` is exactly the sketch-only query and ``w = 0`` the text-only one, as for the mean.
+
+A query's mode is ``sketch``, ``text`` or ``sketch+text``; the export's thresholds are per mode
+(sketch-only scores sit lower than fused ones), calibrated on validation at the default weight.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT
+from stbir_infer.errors import ExportDirError, QueryError
+
+AUTO = "auto"
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def check_weight(weight) -> float | None:
+    """``sketch_weight`` as a float in [0, 1] (None stays None); QueryError otherwise."""
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(weight)) or not 0.0 <= float(weight) <= 1.0:
+        raise QueryError(f"sketch_weight must be a number from 0 to 1, not {weight!r}")
+    return float(weight)
+
+
+def parse_min_score(value):
+    """``min_score``: None, "auto", or a finite number (strings of numbers too); QueryError else."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None if value is None else AUTO
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise QueryError(f"min_score must be a number or auto, not {value[:40]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(value)):
+        raise QueryError(f"min_score must be a number or auto, not {value!r}")
+    return float(value)
+
+
+def query_mode(sketch, text) -> str:
+    if sketch is None and text is None:
+        raise QueryError(QUERY_NEEDS_INPUT)
+    return "sketch+text" if sketch is not None and text is not None else (
+        "sketch" if sketch is not None else "text")
+
+
+class Fusion:
+    """The export's fusion (weighted mean or Combiner graph) and its score thresholds."""
+
+    def __init__(self, encoders):
+        self.encoders = encoders
+        m = encoders.manifest
+        where = encoders.model_dir / MANIFEST
+        self.embed_dim = int(encoders.embed_dim)
+        fusion = m.get("fusion") if isinstance(m.get("fusion"), dict) else {}
+        self.default_weight = check_weight(fusion.get("default_weight", m["fusion_weight"]))
+        self.entry = m.get("combiner")
+        self.method = "combiner" if self.entry is not None else "weighted_mean"
+        self.thresholds = self._thresholds(m.get("score_threshold"), where)
+        self._session = None
+        self._lock = threading.Lock()
+        if self.entry is not None:
+            self._check_entry(where)
+            self.session()  # small; opened now so a graph that does not fit fails at load
+
+    def _check_entry(self, where) -> None:
+        e = self.entry
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or \
+                not isinstance(e.get("inputs"), list) or len(e["inputs"]) != len(COMBINER_INPUTS):
+            raise ExportDirError(f"{where}: combiner entry is incomplete (file, two inputs)")
+        for spec in e["inputs"]:
+            shape = spec.get("shape") if isinstance(spec, dict) else None
+            if not isinstance(shape, list) or len(shape) != 2 or shape[1] != self.embed_dim:
+                raise ExportDirError(f"{where}: the combiner's input {spec.get('name') if isinstance(spec, dict) else spec!r} "
+                                     f"has shape {shape}, but the encoders give {self.embed_dim}-d vectors")
+
+    @staticmethod
+    def _thresholds(rec, where) -> dict | None:
+        if rec is None:
+            return None
+        modes = rec.get("modes") if isinstance(rec, dict) else None
+        if not isinstance(modes, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in modes.values()):
+            raise ExportDirError(f"{where}: score_threshold.modes is not a map of mode to number")
+        return {**rec, "modes": {k: float(v) for k, v in modes.items()}}
+
+    def session(self):
+        with self._lock:
+            if self._session is None:
+                self._session = self._open()
+            return self._session
+
+    def _open(self):
+        import onnxruntime as ort
+
+        enc = self.encoders
+        path = enc.model_dir / self.entry["file"]
+        data = enc.read_verified(self.entry["file"])  # checked against export.json's sha256
+        opts = ort.SessionOptions()
+        if enc.threads:
+            opts.intra_op_num_threads = int(enc.threads)
+        opts.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(data, sess_options=opts, providers=enc.providers)
+        except Exception as exc:
+            raise ExportDirError(f"{path}: onnxruntime cannot load it "
+                                 f"({str(exc).splitlines()[0][:200]})") from None
+        got = [i.shape[-1] if i.shape else None for i in sess.get_inputs()]
+        if len(got) != len(COMBINER_INPUTS) or any(d != self.embed_dim for d in got):
+            raise ExportDirError(f"{path}: the combiner takes inputs of size {got}, but the "
+                                 f"encoders give {self.embed_dim}-d vectors")
+        return sess
+
+    def combiner(self, sketch: np.ndarray, text: np.ndarray) -> np.ndarray:
+        s = np.asarray(sketch, np.float32).reshape(-1, self.embed_dim)
+        t = np.asarray(text, np.float32).reshape(-1, self.embed_dim)
+        names = [i["name"] for i in self.entry["inputs"]]
+        out = self.session().run([self.entry.get("output", GRAPH_OUTPUT)],
+                                 {names[0]: s, names[1]: t})[0]
+        if not np.isfinite(out).all():
+            raise QueryError("the combiner gave NaN or Inf for this query")
+        return _normalize(out)
+
+    def combine(self, sketch: np.ndarray | None, text: np.ndarray | None,
+                weight: float | None = None) -> np.ndarray:
+        """One query vector [D] (see the module's docstring); one half alone is the query."""
+        weight = check_weight(weight)
+        query_mode(sketch, text)
+        if sketch is None or text is None:
+            return np.asarray(text if sketch is None else sketch, np.float32)
+        s, t = np.asarray(sketch, np.float32), np.asarray(text, np.float32)
+        w0 = self.default_weight
+        w = w0 if weight is None else weight
+        if self.entry is None:
+            return _normalize(w * s + (1 - w) * t)
+        c = self.combiner(s, t)[0]
+        if w > w0:
+            a = (w - w0) / max(1 - w0, 1e-12)
+            return _normalize((1 - a) * c + a * s)
+        if w < w0:
+            a = (w0 - w) / max(w0, 1e-12)
+            return _normalize((1 - a) * c + a * t)
+        return c
+
+    def min_score(self, value, mode: str) -> float | None:
+        """The score a hit must reach: None (keep all), a number, or "auto" -> the export's
+        validation threshold for the query's mode (QueryError when the export has none)."""
+        value = parse_min_score(value)
+        if value != AUTO:
+            return value
+        if self.thresholds is None or mode not in self.thresholds["modes"]:
+            raise QueryError("min_score auto: this export has no score threshold for "
+                             f"{mode} queries (export a checkpoint trained with validation, or "
+                             "give a number)")
+        return self.thresholds["modes"][mode]
+
+    def describe(self) -> dict:
+        out = {"method": self.method, "default_weight": self.default_weight}
+        if self.thresholds is not None:
+            out["score_threshold"] = {"far": self.thresholds.get("far"),
+                                      "modes": self.thresholds["modes"]}
+        return out
+
+
+__all__ = ["AUTO", "Fusion", "check_weight", "parse_min_score", "query_mode"]
