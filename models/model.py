@@ -3,7 +3,8 @@
 Every encoder returns L2-normalised vectors of ``embed_dim``. ``configure_stage`` picks which
 branch learns; the frozen ones are anchors. Query fusion (sketch + text) is a weighted mean of the
 two unit vectors, re-normalised, with the weight stored as a buffer so it travels with the
-checkpoint and into the export.
+checkpoint and into the export; with ``spec.combiner`` also a learned Combiner (models/combiner.py,
+issue 16), which validation makes the default only where it measures better (stbir_train.fusion).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.errors import ModelError, load_failure
+from models.combiner import Combiner
+from models.errors import ModelError
 from models.scoped import open_clip_scope
+from models.weights import load_clip_weights, read_state_dict
 from stbir_infer.contract import BRANCHES, QUERY_NEEDS_INPUT
 
-STAGE_TARGETS = BRANCHES + ("all",)
+STAGE_TARGETS = BRANCHES + ("all", "combiner")  # combiner: only the learned fusion learns
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -39,6 +42,12 @@ class ModelSpec:
     arcface_classes: int = 0  # set by training from the data; 0 = no head
     arcface_scale: float = 30.0
     arcface_margin: float = 0.3
+    quick_gelu: bool = False  # QuickGELU activations (what OpenAI-format CLIP weights need)
+    # How each pixel branch fits an image to its square: "shortest" (centre crop) or "pad"
+    # (letterbox: white for sketches, the normalisation mean for photos); README, issue 15.
+    sketch_resize: str = "shortest"
+    image_resize: str = "shortest"
+    combiner: bool = False  # a learned query fusion (models/combiner.py) besides the weighted mean
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
@@ -54,6 +63,15 @@ class ModelSpec:
 PRESETS: dict[str, dict] = {
     "small": dict(clip_model="stbir-small", sketch_backbone="resnet18", sketch_size=64),
     "seed": dict(clip_model="ViT-B-32", sketch_backbone="resnet50", sketch_size=224),
+    # MobileNetV2 in both visual towers (timm's mobilenetv2_100 behind open_clip's image tower,
+    # torchvision's for sketches): both can start from ImageNet weights (torchvision format).
+    "edge": dict(clip_model="stbir-edge", sketch_backbone="mobilenet_v2", sketch_size=96),
+}
+
+# Image normalisation an architecture's pretrained weights expect, where it is not open_clip's
+# default (the MobileNetV2 ImageNet weights take inputs in [-1, 1]).
+IMAGE_NORM: dict[str, tuple[list[float], list[float]]] = {
+    "stbir-edge": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
 
 
@@ -71,7 +89,8 @@ def _open_clip():
 class SketchEncoder(nn.Module):
     """A torchvision CNN on one-channel sketches, projected into the shared space."""
 
-    SUPPORTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+    SUPPORTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
+                 "mobilenet_v3_large")
 
     def __init__(self, backbone: str, embed_dim: int, weights_file: str | None = None):
         super().__init__()
@@ -90,7 +109,7 @@ class SketchEncoder(nn.Module):
         else:
             conv = net.features[0][0]
             net.features[0][0] = _to_one_channel(conv)
-            width = net.classifier[0].in_features
+            width = next(m for m in net.classifier if isinstance(m, nn.Linear)).in_features
             net.classifier = nn.Identity()
         self.backbone = net
         self.proj = nn.Linear(width, embed_dim)
@@ -111,15 +130,9 @@ def _to_one_channel(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 def _load_weights_file(path: str, key: str) -> dict:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ModelError(f"{key}: weights file {path} does not exist")
-    try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{key}: {path} is not a readable torch weights file "
-                         f"({load_failure(exc)})") from None
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    sd = read_state_dict(path, key)
+    sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 class ArcFaceHead(nn.Module):
@@ -160,14 +173,18 @@ class STBIRModel(nn.Module):
         if spec.clip_model not in open_clip.list_models():
             raise ModelError(f"clip_model {spec.clip_model!r} is not an open_clip architecture")
         with open_clip_scope():  # it warns that random init has no weights: they come next
-            self.clip = open_clip.create_model(spec.clip_model, pretrained=None)
+            self.clip = open_clip.create_model(spec.clip_model, pretrained=None,
+                                               force_quick_gelu=spec.quick_gelu)
         if spec.pretrained:
-            _load_clip_weights(self.clip, spec.clip_model, spec.pretrained)
+            _load_clip_weights(self.clip, spec.clip_model, spec.pretrained,
+                               spec.quick_gelu or bool((open_clip.get_model_config(
+                                   spec.clip_model) or {}).get("quick_gelu")))
         self.clip.logit_scale.requires_grad_(False)  # training uses the config's temperature
         self.embed_dim = int(self.clip.text_projection.shape[1])
         self.context_length = int(self.clip.context_length)
         self.sketch = SketchEncoder(spec.sketch_backbone, self.embed_dim, spec.sketch_pretrained)
         self.register_buffer("fusion_weight", torch.tensor(float(spec.fusion_weight)))
+        self.combiner = (Combiner(self.embed_dim, spec.fusion_weight) if spec.combiner else None)
         self.arcface = (ArcFaceHead(self.embed_dim, spec.arcface_classes, spec.arcface_scale,
                                     spec.arcface_margin) if spec.arcface_classes else None)
         self.stage = "all"
@@ -199,6 +216,8 @@ class STBIRModel(nn.Module):
             on = target in (branch, "all")
             for p in self.branch_parameters(branch):
                 p.requires_grad_(on)
+        if self.combiner is not None:  # learns in its own stage and jointly with "all"
+            self.combiner.requires_grad_(target in ("combiner", "all"))
         self.train(self.training)
 
     def train(self, mode: bool = True):
@@ -208,6 +227,8 @@ class STBIRModel(nn.Module):
                 for m in self.branch_modules(branch):
                     if isinstance(m, nn.Module):
                         m.eval()
+        if self.combiner is not None and self.stage not in ("combiner", "all"):
+            self.combiner.eval()
         return self
 
     # -- encoders ------------------------------------------------------------------------------
@@ -238,6 +259,23 @@ class STBIRModel(nn.Module):
         return F.normalize(x, dim=-1)
 
     def fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+        """The training fusion: the Combiner where the model has one, else the weighted mean
+        with the configured weight (``spec.fusion_weight``, fixed while training)."""
+        if self.combiner is not None and sketch is not None and text is not None:
+            return self.combiner(sketch, text)
+        return fuse(sketch, text, float(self.spec.fusion_weight))
+
+    def query_fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None,
+                   method: str | None = None) -> torch.Tensor:
+        """The query-time fusion: ``method`` "combiner" or "mean" (the weighted mean with the
+        validation-picked ``fusion_weight`` buffer); None = the default, the Combiner only
+        where validation preferred it (``combiner.preferred``)."""
+        if method is None:
+            method = "combiner" if self.combiner is not None and bool(self.combiner.preferred) else "mean"
+        if method == "combiner" and sketch is not None and text is not None:
+            if self.combiner is None:
+                raise ModelError("this model has no Combiner")
+            return self.combiner(sketch, text)
         return fuse(sketch, text, self.fusion_weight)
 
     # -- what export and the data pipeline need ---------------------------------------------------
@@ -249,12 +287,18 @@ class STBIRModel(nn.Module):
         cfg = _open_clip().get_model_preprocess_cfg(self.clip)
         size = cfg["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
-        image = dict(size=int(size), channels=3, mean=[float(v) for v in cfg["mean"]],
-                     std=[float(v) for v in cfg["std"]],
+        mean, std = IMAGE_NORM.get(self.spec.clip_model, (cfg["mean"], cfg["std"]))
+        image = dict(size=int(size), channels=3, mean=[float(v) for v in mean],
+                     std=[float(v) for v in std],
                      interpolation=cfg.get("interpolation", "bicubic"),
-                     resize_mode=cfg.get("resize_mode", "shortest"))
+                     resize_mode=self.spec.image_resize)
         sketch = dict(size=int(self.spec.sketch_size), channels=1, mean=[0.5], std=[0.5],
-                      interpolation="bicubic", resize_mode="shortest")
+                      interpolation="bicubic", resize_mode=self.spec.sketch_resize)
+        for name, spec in (("image", image), ("sketch", sketch)):
+            if spec["resize_mode"] not in ("shortest", "pad"):
+                raise ModelError(f"{name}_resize must be shortest or pad, got {spec['resize_mode']!r}")
+            if spec["resize_mode"] == "pad":  # fill that normalises to 0: neutral, like conv padding
+                spec["pad_fill"] = [255] if name == "sketch" else [round(m * 255) for m in spec["mean"]]
         return {"image": image, "sketch": sketch}
 
     def tokenizer(self):
@@ -266,7 +310,7 @@ def eot_position(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.argmax(dim=-1)
 
 
-def _load_clip_weights(clip: nn.Module, name: str, pretrained: str) -> None:
+def _load_clip_weights(clip: nn.Module, name: str, pretrained: str, quick_gelu: bool) -> None:
     """``pretrained`` is a local file, or an open_clip tag that must already be in the cache.
 
     Either way the file is read with ``weights_only=True``: a weights file that needs code to
@@ -274,13 +318,7 @@ def _load_clip_weights(clip: nn.Module, name: str, pretrained: str) -> None:
     path = Path(pretrained).expanduser()
     open_clip = _open_clip()
     if path.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
-        if not path.is_file():
-            raise ModelError(f"pretrained: weights file {pretrained} does not exist")
-        try:
-            _safe_load_checkpoint(open_clip, clip, str(path))
-        except Exception as exc:
-            raise ModelError(f"pretrained: could not load {pretrained} into {name} "
-                             f"({load_failure(exc)})") from None
+        load_clip_weights(clip, name, pretrained, quick_gelu)  # formats: models/weights.py
         return
     if pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise ModelError(f"pretrained: {pretrained!r} is not an open_clip tag for {name} "

@@ -25,12 +25,18 @@ KNOWN_ERRORS = ("stbir_export.errors:ExportError", "models.errors:StbirModelErro
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT_DIR.")
 @click.option("--no-verify", is_flag=True,
               help="Skip the onnxruntime / ReferenceEvaluator comparison with torch.")
-def main(checkpoint, out_dir, quantize, opset, force, no_verify):
+@click.option("--fusion", type=click.Choice(["auto", "combiner", "mean"]), default="auto",
+              show_default=True, help="Query fusion: auto = the Combiner only where validation "
+              "measured it better; mean = the weighted mean (no combiner.onnx).")
+@click.option("--threshold-far", type=click.Choice(["0.01", "0.001", "0.0001"]), default="0.001",
+              show_default=True, help="FAR on validation whose score threshold goes into export.json.")
+def main(checkpoint, out_dir, quantize, opset, force, no_verify, fusion, threshold_far):
     """Export an STBIR checkpoint to separate ONNX graphs + runtime assets in OUT_DIR."""
     from stbir_export import export_checkpoint
 
     export_checkpoint(checkpoint, out_dir, opset=opset, quantize=quantize,
-                      verify=not no_verify, force=force, log=click.echo)
+                      verify=not no_verify, force=force, fusion=fusion,
+                      threshold_far=float(threshold_far), log=click.echo)
 
 
 if __name__ == "__main__":

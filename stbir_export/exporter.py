@@ -21,10 +21,10 @@ from typing import Callable
 import numpy as np
 
 from models import CheckpointError, ModelError, load_model, open_clip_scope
-from stbir_export import graphs, verify as verification
+from stbir_export import combiner as combiner_export, graphs, verify as verification
 from stbir_export.errors import ExportError
 from stbir_export.tokenizer import write_tokenizer
-from stbir_infer.contract import (EXPORT_FORMAT, EXPORT_FORMAT_VERSION, GRAPH_FILES, GRAPH_OUTPUT,
+from stbir_infer.contract import (COMBINER_FORMAT_VERSION, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, GRAPH_FILES, GRAPH_OUTPUT,
                                   MANIFEST, TOKEN_EMBEDDING, file_sha256, fingerprint)
 
 QUANTIZE = ("int8",)
@@ -32,6 +32,7 @@ QUANTIZE = ("int8",)
 
 def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | None = None,
                       verify: bool = True, force: bool = False, batch: int = 4,
+                      fusion: str = "auto", threshold_far: float = 1e-3,
                       log: Callable[[str], object] = print) -> dict:
     """Export ``checkpoint`` into ``out_dir``; returns the export.json dict.
 
@@ -46,13 +47,16 @@ def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | N
                           f"(choose {graphs.MIN_OPSET}..{graphs.MAX_OPSET})")
     if int(batch) < 1:
         raise ExportError(f"the verification batch must be at least 1 (got {batch})")
+    if fusion not in combiner_export.FUSIONS:
+        raise ExportError(f"fusion must be one of {', '.join(combiner_export.FUSIONS)} (got {fusion!r})")
     _check_out_dir(out, force, checkpoint)
     tmp = _temp_dir(out)
     try:
         log(f"loading {checkpoint}")
         model = _load(checkpoint)
         manifest = _build(model, tmp, checkpoint=checkpoint, opset=int(opset), quantize=quantize,
-                          verify=verify, batch=int(batch), log=log)
+                          verify=verify, batch=int(batch), log=log, fusion=fusion,
+                          threshold_far=float(threshold_far))
         _install(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +98,8 @@ def _temp_dir(out: Path) -> Path:
 def _load(checkpoint: Path):
     try:
         with open_clip_scope():  # open_clip warns "initialized randomly": weights come next
-            model, _ = load_model(checkpoint)
+            model, meta = load_model(checkpoint)
+            model.export_meta = {k: meta.get(k) for k in ("fusion_selection", "score_thresholds")}
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     except ModelError as exc:
@@ -124,7 +129,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 
 
 def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
-           verify: bool, batch: int, log) -> dict:
+           verify: bool, batch: int, log, fusion: str = "auto", threshold_far: float = 1e-3) -> dict:
     np.save(tmp / TOKEN_EMBEDDING, model.clip.token_embedding.weight.detach().float().numpy())
     table = np.load(tmp / TOKEN_EMBEDDING, allow_pickle=False)  # verification uses what ships
     tokenizer = write_tokenizer(model, tmp)
@@ -164,15 +169,21 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
             entry["preprocess"] = specs[enc]
         encoders[enc] = entry
 
+    extra, checks["combiner"] = combiner_export.build(
+        model, getattr(model, "export_meta", {}), tmp, fusion=fusion, far=threshold_far,
+        opset=opset, verify=verify, batch=batch, log=log)
+    if checks["combiner"] is None:
+        del checks["combiner"]
     files = {p.relative_to(tmp).as_posix(): file_sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
-        "embed_dim": int(model.embed_dim), "fusion_weight": float(model.fusion_weight),
+        "format": EXPORT_FORMAT,
+        "format_version": COMBINER_FORMAT_VERSION if "combiner" in extra else EXPORT_FORMAT_VERSION,
+        "embed_dim": int(model.embed_dim), "fusion_weight": round(float(model.fusion_weight), 6),
         "opset": opset, "clip_model": model.spec.clip_model,
         "encoders": encoders, "tokenizer": tokenizer, "files": files,
         "source_checkpoint": {"sha256": file_sha256(checkpoint), "file": checkpoint.name},
-        "fingerprint": fingerprint(files),
+        "fingerprint": fingerprint(files), **extra,
     }
     if quantize == "int8":
         manifest["quantization"] = {"int8": {

@@ -50,6 +50,17 @@ def _runtime_options(f):
     return f
 
 
+def _min_score(ctx, param, value):
+    """--min-score: a number or auto (checked here, so a bad value is a usage error, exit 2)."""
+    from stbir_infer.errors import QueryError
+    from stbir_infer.fusion import parse_min_score
+
+    try:
+        return parse_min_score(value)
+    except QueryError as exc:
+        raise click.BadParameter(f"{value!r} is not a number or auto") from exc
+
+
 def _utf8(text: str | None) -> str | None:
     """``text`` as it can be written as UTF-8 (an argument with undecodable bytes, escaped)."""
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -115,9 +126,16 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
               help="Also write a contact sheet PNG: the sketch, the caption and the top hits.")
 @click.option("--expect", type=click.Path(dir_okay=False), default=None,
               help="The photo that should come first: say where it ranked.")
+@click.option("--sketch-weight", type=click.FloatRange(0, 1), default=None, metavar="W",
+              help="Share of the sketch in a sketch+text query, 0..1 (1: sketch only, 0: text "
+                   "only) [default: the export's, picked on validation].")
+@click.option("--min-score", default=None, metavar="S|auto", callback=_min_score,
+              help="Drop hits scoring below S; auto: the export's validation threshold "
+                   "(FAR 1e-3) for the query's mode. None left: prints 'no match above S'.")
 @_runtime_options
-def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect, threads, int8):
-    """Find photos by a sketch, a text, or both (fused with the export's weight)."""
+def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect,
+          sketch_weight, min_score, threads, int8):
+    """Find photos by a sketch, a text, or both (fused as the export says)."""
     if sketch is None and (text is None or not text.strip()):
         raise click.UsageError("give --sketch FILE, --text TEXT or both")
     if sketch is not None and not os.path.isfile(sketch):
@@ -128,7 +146,9 @@ def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, 
 
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
                         precision="int8" if int8 else "fp32")
-    hits = searcher.query(sketch=sketch, text=text, top_k=top_k)
+    floor = searcher.min_score_for(min_score, sketch, text)
+    hits = searcher.query(sketch=sketch, text=text, top_k=top_k, sketch_weight=sketch_weight,
+                          min_score=floor)
     if sheet:
         from stbir_infer.sheet import contact_sheet
 
@@ -138,12 +158,17 @@ def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, 
         # Paths in display form (valid UTF-8; Hit.to_dict adds path_bytes_b64 where it differs)
         out = {"query": {"sketch": None if sketch is None else display(sketch),
                          "text": _utf8(text), "top_k": top_k,
-                         "fusion_weight": searcher.fusion_weight if fused else None},
+                         "fusion": searcher.fusion.method if fused else None,
+                         "fusion_weight": (searcher.fusion_weight if sketch_weight is None
+                                           else sketch_weight) if fused else None,
+                         "min_score": floor},
                "model": searcher.encoders.fingerprint, "index": display(searcher.index_dir),
                "results": [h.to_dict() for h in hits]}
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))
         return
-    if not hits:
+    if not hits and floor is not None:
+        click.echo(f"no match above {floor:.4f}")
+    elif not hits:
         click.echo("no results: the index is empty", err=True)
     for h in hits:
         click.echo(f"{h.rank:>4}  {h.score:.4f}  {display(h.path)}")
@@ -177,6 +202,11 @@ def info(model_dir, index_dir, as_json, verify):
     click.echo(f"model:       {display(exp['model_dir'])}")
     click.echo(f"  clip_model {exp['clip_model']}, embed_dim {exp['embed_dim']}, "
                f"fusion_weight {exp['fusion_weight']}, fingerprint {exp['fingerprint'][:12]}")
+    fus = exp.get("fusion") or {}
+    thr = fus.get("score_threshold")
+    click.echo(f"  fusion {fus.get('method')}, default sketch weight {fus.get('default_weight')}; "
+               + (f"score thresholds at FAR {thr['far']:g}: " + ", ".join(
+                   f"{m} {t:.4f}" for m, t in thr["modes"].items()) if thr else "no score threshold"))
     click.echo(f"index:       {data['index_dir']}")
     if not data["exists"]:
         click.echo("  (empty: run `stbir-infer enroll --images DIR`)")

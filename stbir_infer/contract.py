@@ -21,7 +21,13 @@ QUERY_NEEDS_INPUT = "a query needs a sketch, a text or both"
 # -- the export dir ------------------------------------------------------------------------------
 EXPORT_FORMAT = "stbir-export"
 EXPORT_FORMAT_VERSION = 1
-SUPPORTED_EXPORT_VERSIONS = (1,)
+# Version 2: the export has a learned fusion graph (COMBINER_FILE) that a version-1 runtime would
+# ignore; exports without one are still written as version 1. The runtime reads both.
+COMBINER_FORMAT_VERSION = 2
+SUPPORTED_EXPORT_VERSIONS = (1, 2)
+COMBINER_FILE = "combiner.onnx"   # [B,D] sketch + [B,D] text -> [B,D] query (optional)
+COMBINER_INPUTS = ("sketch", "text")
+FUSION_METHODS = ("weighted_mean", "combiner")
 MANIFEST = "export.json"
 TOKEN_EMBEDDING = "token_embedding.npy"
 GRAPH_FILES = {branch: f"{branch}_encoder.onnx" for branch in BRANCHES}
@@ -95,7 +101,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, **kw) -> Path:
 
 
 __all__ = [
-    "BRANCHES", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "GRAPH_FILES", "GRAPH_OUTPUT",
+    "BRANCHES", "COMBINER_FILE", "COMBINER_FORMAT_VERSION", "COMBINER_INPUTS", "EXPORT_FORMAT",
+    "EXPORT_FORMAT_VERSION", "FUSION_METHODS", "GRAPH_FILES", "GRAPH_OUTPUT",
     "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "HNSW_SPACE", "MANIFEST", "MANIFEST_KEYS",
     "QUERY_NEEDS_INPUT", "SUPPORTED_EXPORT_VERSIONS", "TOKEN_EMBEDDING", "atomic_write",
     "atomic_write_text", "file_sha256", "fingerprint", "fsync_dir",

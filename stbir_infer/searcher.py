@@ -24,6 +24,7 @@ from stbir_infer.encoders import Encoders
 from stbir_infer.enroll import EnrollReport, enroll
 from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoundError,
                                 ModelMismatchError, ParameterError, QueryError)
+from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
 from stbir_infer.paths import display
 
@@ -95,6 +96,7 @@ class Searcher:
         if M is not None or ef_construction is not None:  # validate early
             HnswParams.with_defaults(M, ef_construction)
         self.encoders = Encoders(model_dir, threads=threads, precision=precision)
+        self.fusion = Fusion(self.encoders)  # weighted mean or combiner.onnx; score thresholds
         self.index_dir = Path(index_dir).expanduser()
         self._index: GalleryIndex | None = None
         self._stamp = None
@@ -137,7 +139,7 @@ class Searcher:
 
     @property
     def fusion_weight(self) -> float:
-        return self.encoders.fusion_weight
+        return self.fusion.default_weight
 
     # -- enroll ---------------------------------------------------------------------------------------
     def enroll(self, images_dir: str | Path, batch_size: int = 32, progress: bool = False, *,
@@ -155,20 +157,33 @@ class Searcher:
         return report
 
     # -- query ------------------------------------------------------------------------------------
-    def query(self, sketch=None, text: str | None = None, top_k: int = 10) -> list[Hit]:
-        """Top-k images for a sketch (path or PIL image), a text, or both (fused with the export's
-        weight). Raises QueryError when neither is given."""
+    def query(self, sketch=None, text: str | None = None, top_k: int = 10, *,
+              sketch_weight: float | None = None, min_score=None) -> list[Hit]:
+        """Top-k images for a sketch (path or PIL image), a text, or both (fused as the export
+        says: ``stbir_infer.fusion``). ``sketch_weight`` in [0, 1] replaces the default weight of
+        the sketch (1: sketch only, 0: text only). ``min_score`` (a number or "auto": the export's
+        validation threshold for the query's mode) drops weaker hits: an empty list means no
+        match. Raises QueryError when neither input is given or a value is out of range."""
         top_k = _check_positive("top_k", top_k, QueryError)
         if text is not None and not isinstance(text, str):
             raise QueryError(f"text must be a string, not {type(text).__name__}")
         if sketch is None and (text is None or not text.strip()):
             raise QueryError(QUERY_NEEDS_INPUT)
+        check_weight(sketch_weight)
+        floor = self.min_score_for(min_score, sketch, text)
         idx = self._require_index()
         try:
-            vector = self.encoders.query_vector(sketch=sketch, text=text)
+            s = self.encoders.sketch([sketch])[0] if sketch is not None else None
         except ImageDecodeError as exc:
             raise QueryError(f"sketch: {exc}") from None
-        return self._search(idx, vector, top_k)
+        t = self.encoders.text([text])[0] if text is not None and text.strip() else None
+        hits = self._search(idx, self.fusion.combine(s, t, sketch_weight), top_k)
+        return hits if floor is None else [h for h in hits if h.score >= floor]
+
+    def min_score_for(self, min_score, sketch=None, text: str | None = None) -> float | None:
+        """The score threshold a query with these inputs uses (None: none)."""
+        has_text = text is not None and bool(str(text).strip())
+        return self.fusion.min_score(min_score, query_mode(sketch, text if has_text else None))
 
     def search(self, vector: np.ndarray, top_k: int = 10) -> list[Hit]:
         """Top-k images for a precomputed query vector [D] (e.g. from ``encoders.fuse``)."""
@@ -202,7 +217,7 @@ class Searcher:
         served could not be loaded."""
         idx = self.current_index()
         out = {"index_dir": display(self.index_dir.resolve()), "exists": idx is not None,
-               "export": self.encoders.describe()}
+               "export": {**self.encoders.describe(), "fusion": self.fusion.describe()}}
         if idx is None:
             return out
         out.update({

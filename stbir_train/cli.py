@@ -19,7 +19,7 @@ _Main = command_class(click.Group, PROG, KNOWN_ERRORS, interrupted=(
 
 @click.group(cls=_Main, invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config to train with.")
-@click.option("--stage", type=click.Choice([*BRANCHES, "all"]), help="Run only this stage.")
+@click.option("--stage", type=click.Choice([*BRANCHES, "all", "combiner"]), help="Run only this stage.")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this checkpoint (e.g. last.pt).")
 @click.pass_context
 def main(ctx, config_path, stage, resume):
@@ -29,7 +29,7 @@ def main(ctx, config_path, stage, resume):
             raise click.UsageError("--config/--stage/--resume go after the subcommand")
         return
     if not config_path:
-        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, evaluate)")
+        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, pretrain, evaluate)")
     from stbir_train.config import load_config
     from stbir_train.train import train
 
@@ -65,6 +65,33 @@ def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
 
 
 @main.command()
+@click.argument("photos_dir", type=click.Path(file_okay=False))
+@click.argument("captions", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--method", type=click.Choice(["canny", "xdog"]), default="canny", show_default=True,
+              help="Edge extraction that makes the pseudo-sketches.")
+@click.option("--test", "test_photos", default=100, show_default=True, help="Photos in the test split.")
+@click.option("--sketches-per-photo", default=3, show_default=True, help="Training sketch variants per photo.")
+@click.option("--limit", default=0, show_default=True, help="Use only the first N photos (0: all).")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True),
+              help="torchvision mobilenet_v2 weights for both visual towers, written into the config.")
+@click.option("--seed", default=0, show_default=True)
+def sketchify(photos_dir, captions, out_dir, method, test_photos, sketches_per_photo, limit, weights, seed):
+    """Captioned photos (CSV image,caption) -> pseudo-sketch training data + config.yaml."""
+    import time
+
+    from stbir_train.sketchify import write_dataset
+
+    if sketches_per_photo < 1 or limit < 0:
+        raise click.UsageError("--sketches-per-photo must be >= 1 and --limit >= 0")
+    t0 = time.time()
+    config = write_dataset(photos_dir, captions, out_dir, method=method, test=test_photos,
+                           sketches_per_photo=sketches_per_photo, limit=limit, seed=seed,
+                           weights=weights, log=click.echo)
+    click.echo(f"done in {time.time() - t0:.1f}s; config: {config}")
+
+
+@main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--seed", type=int, default=None, help="Overrides data.manifest_seed.")
 def manifest(config_path, seed):
@@ -79,13 +106,28 @@ def manifest(config_path, seed):
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue from pretrain's last.pt.")
+def pretrain(config_path, resume):
+    """CLIP-style pretraining of the image and text towers on photo-caption pairs (seed 003)."""
+    from stbir_train.config import load_config
+    from stbir_train.pretrain import pretrain as run_pretrain
+
+    cfg = load_config(config_path)
+    summary = run_pretrain(cfg, resume=resume, log=click.echo)
+    click.echo(f"weights: {summary['weights']} (set model.pretrained to it); "
+               f"held-out R@k: {summary['results']}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False))
 @click.option("--compare", type=click.Path(dir_okay=False),
               help="A second checkpoint (e.g. trained with stages: [all]) ranked on the same test set.")
 @click.option("--out", type=click.Path(dir_okay=False), help="results.json path (default: OUTPUT_DIR/results.json).")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
 def evaluate(config_path, checkpoint, compare, out, split):
-    """Rank the test gallery for sketch, text and sketch+text queries; print and save metrics."""
+    """Rank the test gallery for sketch, text and sketch+text queries (both fusions where the
+    checkpoint has a Combiner), image->text; EER and FRR@FAR per mode; print and save metrics."""
     from stbir_train.config import load_config
     from stbir_train.evaluate import run_evaluation
 

@@ -43,7 +43,8 @@ class ImageCache:
 class SBIRDataset(Dataset):
     def __init__(self, rows: list[dict], root: Path, specs: dict[str, dict], tokenize,
                  labels: list[int], negatives: int, noise: NoiseSchedule | None = None,
-                 train: bool = True, seed: int = 0, cache: ImageCache | None = None):
+                 train: bool = True, seed: int = 0, cache: ImageCache | None = None,
+                 modality_dropout: float = 0.0):
         self.rows = rows
         self.specs = specs
         self.labels = labels
@@ -51,6 +52,7 @@ class SBIRDataset(Dataset):
         self.noise = noise
         self.train = train
         self.seed = seed
+        self.modality_dropout = modality_dropout if train else 0.0
         self.cache = cache or ImageCache(root)
         self.tokens = tokenize([r["text"] for r in rows])
         self.neg_tokens = (tokenize([t for r in rows for t in r["negative_texts"]])
@@ -90,6 +92,10 @@ class SBIRDataset(Dataset):
             "tokens": self.tokens[i],
             "label": torch.tensor(self.labels[i]),
         }
+        if self.modality_dropout:  # 0 keep both, 1 drop the text, 2 drop the sketch
+            u = rng.random()
+            item["drop"] = torch.tensor(0 if u >= self.modality_dropout
+                                        else 1 if u < self.modality_dropout / 2 else 2)
         if self.negatives:
             picks = rng.permutation(len(row["negative_images"]))[: self.negatives]
             item["neg_images"] = torch.stack([self._pixels(row["negative_images"][j], "photo", rng, noisy) for j in picks])

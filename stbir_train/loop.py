@@ -45,6 +45,9 @@ def step_losses(model, batch: dict, loss_cfg, target: str) -> dict[str, torch.Te
     i = _encode(model.encode_image, batch["image"], learns["image"])
     t = _encode(model.encode_text, batch["tokens"], learns["text"])
     q = model.fuse(s, t)
+    if "drop" in batch:  # modality dropout, drawn by the dataset: 1 = text dropped, 2 = sketch
+        d = batch["drop"].view(-1, 1)
+        q = torch.where(d == 1, s, torch.where(d == 2, t, q))
     out = {}
     neg_i = neg_q = None
     if "neg_images" in batch:
@@ -57,6 +60,11 @@ def step_losses(model, batch: dict, loss_cfg, target: str) -> dict[str, torch.Te
     if w.infonce:
         out["infonce"] = L.info_nce(q, i, loss_cfg.temperature,
                                     None if neg_i is None else neg_i.flatten(0, 1))
+    extra = None if neg_i is None else neg_i.flatten(0, 1)
+    if w.infonce_sketch:  # single modes as trained queries, not only halves of the fused one
+        out["infonce_sketch"] = L.info_nce(s, i, loss_cfg.temperature, extra)
+    if w.infonce_text:
+        out["infonce_text"] = L.info_nce(t, i, loss_cfg.temperature, extra)
     if w.triplet:
         if neg_i is None:  # no manifest negatives loaded: the other items of the batch
             neg_i, neg_q = L.in_batch_negatives(i), L.in_batch_negatives(q)

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from models import build_model, load_model, save_checkpoint
+from models import build_model, load_model, read_checkpoint, save_checkpoint
 from stbir_train import distributed
 from stbir_train.config import Config, DataSpec
 from stbir_train.data import ImageCache, SBIRDataset
 from stbir_train.errors import ConfigError, TrainingError
 from stbir_train.evaluate import evaluate_rows
+from stbir_train.fusion import describe as describe_fusion
+from stbir_train.verification import thresholds
 from stbir_train.loop import StageRun, lr_factor, run_epoch, step_losses, total_loss
 from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
 from stbir_train.noise import NoiseSchedule
@@ -159,13 +161,15 @@ def build_or_resume(run: Run, resume: str | Path | None, train_rows: list[dict])
         run.say(f"resuming from {resume}: stage {run.start_stage}, epoch {run.start_epoch}")
     else:
         run.model = build_model(cfg.model.spec(arcface_classes=n_labels))
+        if cfg.model.init_from:
+            warm_start(run.model, cfg.resolve(cfg.model.init_from), run.say)
     model = run.model
     model.to(run.procs.device)
     run.train_set = SBIRDataset(
         train_rows, cfg.resolve(cfg.data.root), model.input_specs(), model.tokenizer(),
         row_labels(cfg.data, cfg.loss.arcface_labels, train_rows), cfg.data.negatives_per_modality,
         NoiseSchedule(cfg.data.curriculum_noise), train=True, seed=cfg.training.seed,
-        cache=run.cache)
+        cache=run.cache, modality_dropout=cfg.loss.modality_dropout)
     n_params = sum(p.numel() for p in model.parameters())
     run.say(f"model {model.spec.clip_model} + {model.spec.sketch_backbone}: {n_params / 1e6:.1f}M "
             f"parameters, {model.embed_dim}-d; {len(train_rows)} training items, "
@@ -173,6 +177,27 @@ def build_or_resume(run: Run, resume: str | Path | None, train_rows: list[dict])
     if not run.val_rows:
         run.say("no validation rows (data.val_fraction is 0): best.pt will be the last epoch's "
                 "weights, not the best by validation R@1")
+
+
+def warm_start(model, path: Path, say) -> None:
+    """``model.init_from``: the weights of another run's checkpoint, for fine-tuning on new data.
+    The towers must be the same architecture; an ArcFace head for other classes starts fresh."""
+    ckpt = read_checkpoint(path)
+    spec = ckpt["model_spec"]
+    for k in ("clip_model", "sketch_backbone", "sketch_size"):
+        if spec.get(k) != getattr(model.spec, k):
+            raise ConfigError(f"model.init_from: {path} has {k} {spec.get(k)!r}, the config "
+                              f"{getattr(model.spec, k)!r}")
+    own = model.state_dict()
+    state = {k: v for k, v in ckpt["model"].items()
+             if not (k.startswith(("arcface.", "combiner.")) and (k not in own or own[k].shape != v.shape))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("arcface.", "combiner.")) for k in missing):
+        raise ConfigError(f"model.init_from: {path} does not fit the model "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    say(f"warm start from {path} ({len(state)} tensors"
+        + (", ArcFace head fresh" if any(k.startswith("arcface.") for k in missing) else "")
+        + (", Combiner fresh" if any(k.startswith("combiner.") for k in missing) else "") + ")")
 
 
 def start_stage(run: Run, si: int) -> StageRun:
@@ -213,7 +238,8 @@ def validate_and_checkpoint(run: Run, stage: StageRun, epoch: int, losses: dict,
                             t0: float) -> None:
     """Rank 0: validation metrics, ``last.pt`` always, ``best.pt`` when R@1 improved (every
     epoch when there is no validation), one JSONL log line, one printed line."""
-    val = (evaluate_rows(run.model, run.val_rows, run.cache, device=run.procs.device)
+    val = (evaluate_rows(run.model, run.val_rows, run.cache, device=run.procs.device,
+                         select=True, verify=True)  # picks the default fusion (stbir_train.fusion)
            if run.val_rows else None)
     record = {"stage": stage.index, "target": stage.target, "epoch": epoch + 1, "losses": losses,
               "lr": stage.optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2),
@@ -225,7 +251,7 @@ def validate_and_checkpoint(run: Run, stage: StageRun, epoch: int, losses: dict,
         run.best = score if improved else run.best
     state = dict(config=run.cfg.to_dict(), optimizer=stage.optimizer.state_dict(),
                  stage_index=stage.index, epoch=epoch + 1, step_in_stage=stage.step,
-                 metrics=record, best=run.best)
+                 metrics=record, best=run.best, **fusion_state(val))
     save_checkpoint(run.ckpt_dir / "last.pt", run.model, **state)
     if improved:
         save_checkpoint(run.ckpt_dir / "best.pt", run.model, **state)
@@ -238,3 +264,17 @@ def validate_and_checkpoint(run: Run, stage: StageRun, epoch: int, losses: dict,
     run.say(f"  {stage.target} epoch {epoch + 1}/{stage.epochs}: loss {losses['total']:.4f}"
             + "".join(f", val {m} R@1 {v[m]['R@1']:.3f}" for m in v)
             + f" ({record['seconds']:.0f}s){mark}")
+    if val is not None:
+        run.say("    " + describe_fusion(val["fusion"]))
+
+
+def fusion_state(val: dict | None) -> dict:
+    """What a checkpoint keeps of validation: the fusion choice and the score thresholds at each
+    FAR per query mode (stbir-export copies one into export.json)."""
+    if val is None:
+        return {}
+    if "verification" not in val:  # a one-item validation split has no impostor pairs
+        return {"fusion_selection": val["fusion"]}
+    modes = {m: thresholds(val["verification"][m]) for m in ("sketch", "text", "sketch+text")}
+    return {"fusion_selection": val["fusion"],
+            "score_thresholds": {"split": "val", "modes": modes}}

@@ -62,7 +62,7 @@ def small_export(small_checkpoint, tmp_path_factory):
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def write_config():
     """``make_config`` as a fixture: ``import conftest`` is ambiguous once sub-folders of tests/
     have their own conftest.py."""
@@ -100,3 +100,27 @@ def evil_checkpoint(tmp_path_factory):
                 "model": {}, "config": {}, "payload": Payload()}, path)
     assert not marker.exists()
     return path, marker
+
+
+@pytest.fixture(scope="session")
+def combiner_export(tmp_path_factory):
+    """A small-preset checkpoint with a (perturbed, so not the plain mean) Combiner that validation
+    "preferred", default weight 0.6 and score thresholds, exported: (dir, export.json, checkpoint)."""
+    import torch
+
+    from models import ModelSpec, build_model, save_checkpoint
+    from stbir_export import export_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(combiner=True, fusion_weight=0.5))
+    with torch.no_grad():
+        for p in model.combiner.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.combiner.preferred.fill_(1.0)
+        model.fusion_weight.fill_(0.6)
+    tmp = tmp_path_factory.mktemp("combiner")
+    ckpt = save_checkpoint(tmp / "combiner.pt", model, config={}, metrics={}, fusion_selection={
+        "weight": 0.6, "method": "combiner"}, score_thresholds={"split": "val", "modes": {
+            m: {"0.01": 0.1, "0.001": 0.2, "0.0001": 0.3} for m in ("sketch", "text", "sketch+text")}})
+    manifest = export_checkpoint(ckpt, tmp / "export", log=lambda *a, **k: None)
+    return tmp / "export", manifest, ckpt

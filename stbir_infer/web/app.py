@@ -200,8 +200,12 @@ class App:
         return json_response({
             "status": "ok", "images": len(idx.items), "files": len(idx.files),
             "model": {"fingerprint": enc.fingerprint, "clip_model": enc.clip_model,
-                      "embed_dim": enc.embed_dim, "fusion_weight": enc.fusion_weight,
-                      "precision": enc.precision},
+                      "embed_dim": enc.embed_dim, "fusion_weight": self.searcher.fusion_weight,
+                      "precision": enc.precision,
+                      "fusion": getattr(getattr(self.searcher, "fusion", None), "method",
+                                        "weighted_mean"),
+                      "score_threshold": getattr(getattr(self.searcher, "fusion", None),
+                                                 "thresholds", None) is not None},
             "limits": {"max_body": self.max_body, "max_top_k": self.max_top_k,
                        "max_text": MAX_TEXT_CHARS, "thumbnail_max": THUMB_MAX},
         }, headers={"Cache-Control": "no-store"})
@@ -209,7 +213,12 @@ class App:
     def query(self, q: Query) -> Response:
         with self._query_slots:
             t0 = time.perf_counter()
-            hits = self.searcher.query(sketch=q.sketch, text=q.text, top_k=q.top_k)
+            opts = {}
+            if q.sketch_weight is not None:
+                opts["sketch_weight"] = q.sketch_weight
+            if q.min_score is not None:  # resolved once: "auto" -> the export's threshold
+                opts["min_score"] = self.searcher.min_score_for(q.min_score, q.sketch, q.text)
+            hits = self.searcher.query(sketch=q.sketch, text=q.text, top_k=q.top_k, **opts)
             took = (time.perf_counter() - t0) * 1000
         files = self._gallery().files
         results = []
@@ -226,9 +235,12 @@ class App:
         fused = q.sketch is not None and q.text is not None
         return json_response({
             "query": {"text": q.text, "sketch": q.sketch is not None, "top_k": q.top_k,
-                      "fusion_weight": self.searcher.fusion_weight if fused else None},
+                      "fusion_weight": (opts.get("sketch_weight", self.searcher.fusion_weight)
+                                        if fused else None),
+                      **({"min_score": opts["min_score"]} if "min_score" in opts else {})},
             "model": self.searcher.encoders.fingerprint,
             "count": len(results), "took_ms": round(took, 2), "results": results,
+            "no_match": bool(opts.get("min_score") is not None and not results),
         }, headers={"Cache-Control": "no-store"})
 
     def image(self, label: str, size: str | None, if_none_match: str | None = None) -> Response:

@@ -26,7 +26,7 @@ DEFAULT_MAX_TOP_K = 200
 MAX_TEXT_CHARS = 1000                # characters of a query text (the encoder reads ~77 tokens)
 MAX_SKETCH_PIXELS = 25_000_000       # a sketch larger than this is refused before it is decoded
 MAX_SKETCH_ASPECT = 20               # longest side / shortest side: a 1x100000 strip is refused
-FIELDS = ("sketch", "text", "top_k")
+FIELDS = ("sketch", "text", "top_k", "sketch_weight", "min_score")
 
 
 class HTTPError(Exception):
@@ -44,6 +44,8 @@ class Query:
     sketch: Image.Image | None
     text: str | None      # None or a non-blank string
     top_k: int
+    sketch_weight: float | None = None  # None: the export's default
+    min_score: float | str | None = None  # None, a number or "auto"
 
 
 def one_line(text: str, limit: int = 80) -> str:
@@ -182,6 +184,31 @@ def parse_top_k(value, max_top_k: int, default: int = 10) -> int:
     return value
 
 
+def parse_options(sketch_weight, min_score) -> dict:
+    """``sketch_weight`` (0..1) and ``min_score`` (a number or "auto"); blank or absent = None."""
+    from stbir_infer.errors import QueryError
+    from stbir_infer.fusion import check_weight, parse_min_score
+
+    out = {}
+    try:
+        if sketch_weight is not None and sketch_weight != "":
+            if isinstance(sketch_weight, str):
+                try:
+                    sketch_weight = float(sketch_weight.strip())
+                except ValueError:
+                    raise QueryError("") from None
+            out["sketch_weight"] = check_weight(sketch_weight)
+    except QueryError:
+        raise HTTPError(400, f"sketch_weight must be a number from 0 to 1, not "
+                             f"{short_repr(sketch_weight)}") from None
+    if min_score is not None and min_score != "":
+        try:
+            out["min_score"] = parse_min_score(min_score)
+        except QueryError:
+            raise HTTPError(400, f"min_score must be a number or auto, not {short_repr(min_score)}") from None
+    return out
+
+
 def parse_text(value) -> str | None:
     """The query text: a string of at most MAX_TEXT_CHARS valid Unicode characters; blank is None."""
     if value is None:
@@ -212,7 +239,7 @@ def _unknown(names, what: str) -> None:
     if unknown:
         listed = ", ".join(n if re.fullmatch(r"[\w.-]{1,30}", n, re.ASCII) else short_repr(n, 30)
                            for n in unknown[:5])
-        raise HTTPError(400, f"unknown {what}(s) {listed} (expected sketch, text, top_k)")
+        raise HTTPError(400, f"unknown {what}(s) {listed} (expected {', '.join(FIELDS)})")
 
 
 def query_from_form(fields: dict[str, tuple[str | None, bytes]], max_top_k: int) -> Query:
@@ -225,7 +252,9 @@ def query_from_form(fields: dict[str, tuple[str | None, bytes]], max_top_k: int)
     text = parse_text(_utf8("text", fields["text"][1])) if "text" in fields else None
     top_k = parse_top_k(_utf8("top_k", fields["top_k"][1]) if "top_k" in fields else None,
                         max_top_k)
-    return Query(sketch, text, top_k)
+    opts = parse_options(*(_utf8(k, fields[k][1]) if k in fields else None
+                           for k in ("sketch_weight", "min_score")))
+    return Query(sketch, text, top_k, **opts)
 
 
 def query_from_urlencoded(body: bytes, max_top_k: int) -> Query:
@@ -271,7 +300,8 @@ def query_from_json(body: bytes, max_top_k: int) -> Query:
         except (binascii.Error, ValueError):
             raise HTTPError(400, "sketch is not valid base64") from None
         sketch = decode_sketch(raw)
-    return Query(sketch, text, parse_top_k(data.get("top_k"), max_top_k))
+    return Query(sketch, text, parse_top_k(data.get("top_k"), max_top_k),
+                 **parse_options(data.get("sketch_weight"), data.get("min_score")))
 
 
 def read_query(headers, read_body, *, max_body: int = DEFAULT_MAX_BODY,

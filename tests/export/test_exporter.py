@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from models import load_model
 from stbir_export import ExportError, export_checkpoint
 from stbir_export import exporter, verify
 from stbir_export.cli import main

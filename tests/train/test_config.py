@@ -15,6 +15,10 @@ from stbir_train.config import ConfigError, config_from_dict, load_config
     ({"loss": {"weights": {"infonce": "high"}}}, "loss.weights.infonce"),
     ({"model": {"preset": "huge"}}, "model.preset"),
     ({"data": {"curriculum_noise": {"photo": {"max_prob": 2}}}}, "data.curriculum_noise.photo.max_prob"),
+    ({"loss": {"modality_dropout": 1.5}}, "loss.modality_dropout"),
+    ({"loss": {"weights": {"infonce_text": -1}}}, "loss.weights.infonce_text"),
+    ({"model": {"init_from": 3.5, "quick_gelu": "yes"}}, "model.quick_gelu"),
+    ({"pretrain": {"holdout": 1.0}}, "pretrain.holdout"),
 ])
 def test_bad_config_is_rejected_naming_the_key(data, key, tmp_path):
     import yaml
