@@ -169,11 +169,11 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
             entry["preprocess"] = specs[enc]
         encoders[enc] = entry
 
-    extra, checks["combiner"] = combiner_export.build(
+    extra, combiner_check = combiner_export.build(
         model, getattr(model, "export_meta", {}), tmp, fusion=fusion, far=threshold_far,
         opset=opset, verify=verify, batch=batch, log=log)
-    if checks["combiner"] is None:
-        del checks["combiner"]
+    if combiner_check is not None:
+        checks["combiner"] = combiner_check
     files = {p.relative_to(tmp).as_posix(): file_sha256(p)
              for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST}
     manifest = {

@@ -31,9 +31,4 @@ def display(path: str | os.PathLike) -> str:
                         else f"\\u{ord(m.group()):04x}", out)
 
 
-def is_clean(path: str) -> bool:
-    """Whether ``display(path) == path`` (the name needs no escaping)."""
-    return display(path) == path
-
-
-__all__ = ["display", "is_clean"]
+__all__ = ["display"]

@@ -101,7 +101,6 @@ def scan_tree(root: str | Path, *, exclude: str | Path | None = None,
     return out
 
 
-
 def open_regular(path: str) -> int:
     """An fd on ``path`` if it is a regular file (O_NONBLOCK: a FIFO swapped in cannot hang us)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))

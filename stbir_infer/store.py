@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
-from stbir_infer.contract import HNSW_SPACE, atomic_write_text, fsync_dir
+from stbir_infer.contract import HNSW_SPACE, atomic_write_text, file_sha256, fsync_dir
 from stbir_infer.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 INDEX_FORMAT = "stbir-index"
@@ -231,12 +231,7 @@ def check_index_dir(index_dir: str | Path) -> None:
 # -- writing a generation --------------------------------------------------------------------------
 
 def _checksum(path: Path) -> dict:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-            n += len(block)
-    return {"bytes": n, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def commit(index_dir: str | Path, *, write_files: Callable[[Path], None], meta: dict,

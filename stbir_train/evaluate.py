@@ -15,7 +15,7 @@ import torch
 
 from stbir_train.data import ImageCache
 from stbir_train import verification
-from stbir_train.fusion import fused_scores, select_fusion, weight_grid
+from stbir_train.fusion import _relevant, fused_scores, select_fusion, weight_grid
 from stbir_train.metrics import metrics_by_group, retrieval_metrics
 from stbir_infer.contract import atomic_write_text, file_sha256
 from stbir_infer.preprocess import preprocess
@@ -102,9 +102,7 @@ def evaluate_rows(model, rows: list[dict], cache: ImageCache, batch_size: int = 
     categories = [r["category"] for r in rows]
     images = [r["image"] for r in rows]
     for mode, (scores, target) in score_modes(model, enc).items():
-        relevant = np.zeros_like(scores, dtype=bool)
-        relevant[np.arange(len(target)), target] = True
-        results["modes"][mode] = metrics_by_group(scores, relevant, [categories[t] for t in target])
+        results["modes"][mode] = metrics_by_group(scores, _relevant(scores.shape, target), [categories[t] for t in target])
         if verify and scores.shape[1] > 1:  # one photo alone has no impostor pairs
             names = ([f"text: {r['text']}" for r in rows] if mode == "text"
                      else enc["sketch_paths"])

@@ -23,6 +23,11 @@ def _relevant(shape, target) -> np.ndarray:
     return rel
 
 
+def _r1_map(scores: np.ndarray, owner: np.ndarray) -> dict:
+    m = retrieval_metrics(scores, _relevant(scores.shape, owner))
+    return {"R@1": m["R@1"], "mAP": m["mAP"]}
+
+
 @torch.no_grad()
 def fused_scores(model, enc: dict, method: str, weight: float | None = None) -> np.ndarray:
     """[Q, G] scores of sketch+text queries fused by ``method`` ("mean" or "combiner")."""
@@ -37,12 +42,7 @@ def fused_scores(model, enc: dict, method: str, weight: float | None = None) -> 
 
 def weight_grid(model, enc: dict) -> dict[float, dict]:
     """{weight: {R@1, mAP}} of the weighted mean over GRID."""
-    out = {}
-    for w in GRID:
-        scores = fused_scores(model, enc, "mean", w)
-        m = retrieval_metrics(scores, _relevant(scores.shape, enc["owner"]))
-        out[w] = {"R@1": m["R@1"], "mAP": m["mAP"]}
-    return out
+    return {w: _r1_map(fused_scores(model, enc, "mean", w), enc["owner"]) for w in GRID}
 
 
 def select_fusion(model, enc: dict) -> dict:
@@ -53,9 +53,7 @@ def select_fusion(model, enc: dict) -> dict:
               "mean": grid[best], "combiner": None}
     model.fusion_weight.fill_(float(best))
     if model.combiner is not None:
-        scores = fused_scores(model, enc, "combiner")
-        m = retrieval_metrics(scores, _relevant(scores.shape, enc["owner"]))
-        record["combiner"] = {"R@1": m["R@1"], "mAP": m["mAP"]}
+        m = record["combiner"] = _r1_map(fused_scores(model, enc, "combiner"), enc["owner"])
         better = (m["R@1"], m["mAP"]) > (grid[best]["R@1"], grid[best]["mAP"])
         record["method"] = "combiner" if better else "mean"
         model.combiner.preferred.fill_(1.0 if better else 0.0)

@@ -64,17 +64,15 @@ def retrieval(model, pixels: torch.Tensor, tokens: torch.Tensor, owner: np.ndarr
     txt = torch.cat([model.encode_text(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
     model.train(was)
     sim = (txt @ img.T).numpy()  # [C, P]
-    own = torch.from_numpy(owner)
     t_rank = (sim > sim[np.arange(len(owner)), owner][:, None]).sum(1)  # 0 = first
     best_of_photo = np.full(len(pixels), np.inf)
     sim_it = sim.T  # [P, C]: rank of each caption for its photo; keep the best per photo
-    for c, p in enumerate(own.tolist()):
+    for c, p in enumerate(owner.tolist()):
         r = (sim_it[p] > sim_it[p, c]).sum()
         best_of_photo[p] = min(best_of_photo[p], r)
-    out = {"image_to_text": {f"R@{k}": float((best_of_photo < k).mean()) for k in KS},
+    return {"image_to_text": {f"R@{k}": float((best_of_photo < k).mean()) for k in KS},
            "text_to_image": {f"R@{k}": float((t_rank < k).mean()) for k in KS},
            "photos": int(len(pixels)), "captions": int(len(tokens))}
-    return out
 
 
 def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:

@@ -32,6 +32,7 @@ from PIL import Image, ImageFilter
 
 from stbir_infer.preprocess import ImageDecodeError, open_image
 from stbir_train.captions import read_csv_pairs
+from stbir_train.config import CURRICULUM_NOISE_YAML
 from stbir_train.errors import DataError
 
 METHODS = ("canny", "xdog")
@@ -264,11 +265,7 @@ data:
   negatives_per_modality: 0
   virtual_classes: 16
   manifest_seed: 0
-  curriculum_noise:
-    enabled: true
-    photo:  {{start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}}
-    sketch: {{start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}}
-training:
+{CURRICULUM_NOISE_YAML}training:
   batch_size: 64
   num_workers: 1
   seed: 0

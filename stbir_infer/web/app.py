@@ -40,7 +40,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
 
-from stbir_infer import preprocess
 from stbir_infer.errors import (ImageDecodeError, IndexNotFoundError, QueryError,
                                 StbirInferError)
 from stbir_infer.paths import display
@@ -52,7 +51,6 @@ THUMB_DEFAULT, THUMB_MIN, THUMB_MAX = 256, 16, 1024
 THUMB_CACHE = 512                    # thumbnails kept in memory (a few MB)
 _LABEL = re.compile(r"[0-9]{1,18}")
 _SIZE = re.compile(r"[0-9]{1,5}")
-_DECODE_ERRORS = tuple({ImageDecodeError, getattr(preprocess, "ImageDecodeError", ImageDecodeError)})
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml",
                   ".png": "image/png", ".ico": "image/x-icon", ".json": "application/json"}
@@ -128,7 +126,7 @@ class App:
         except HTTPError as exc:
             return error_response(exc.status, exc.message, headers=exc.headers,
                                   close=exc.status in (411, 413))
-        except (QueryError, *_DECODE_ERRORS) as exc:
+        except (QueryError, ImageDecodeError) as exc:
             return error_response(400, str(exc))
         except IndexNotFoundError as exc:
             return error_response(503, str(exc))
@@ -170,7 +168,7 @@ class App:
     def _check_host(self, host: str | None) -> None:
         if self.allowed_hosts is None or host is None:  # no Host header: not a browser
             return
-        name = (host or "").strip().lower()
+        name = host.strip().lower()
         if name.startswith("["):
             name = name[1:].split("]", 1)[0]
         elif name.count(":") == 1:
@@ -197,15 +195,14 @@ class App:
     def health(self) -> Response:
         idx = self._gallery()
         enc = self.searcher.encoders
+        fusion = getattr(self.searcher, "fusion", None)
         return json_response({
             "status": "ok", "images": len(idx.items), "files": len(idx.files),
             "model": {"fingerprint": enc.fingerprint, "clip_model": enc.clip_model,
                       "embed_dim": enc.embed_dim, "fusion_weight": self.searcher.fusion_weight,
                       "precision": enc.precision,
-                      "fusion": getattr(getattr(self.searcher, "fusion", None), "method",
-                                        "weighted_mean"),
-                      "score_threshold": getattr(getattr(self.searcher, "fusion", None),
-                                                 "thresholds", None) is not None},
+                      "fusion": getattr(fusion, "method", "weighted_mean"),
+                      "score_threshold": getattr(fusion, "thresholds", None) is not None},
             "limits": {"max_body": self.max_body, "max_top_k": self.max_top_k,
                        "max_text": MAX_TEXT_CHARS, "thumbnail_max": THUMB_MAX},
         }, headers={"Cache-Control": "no-store"})

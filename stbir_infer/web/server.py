@@ -83,8 +83,7 @@ class WSGIAdapter:
     def __call__(self, environ, start_response):
         method = environ.get("REQUEST_METHOD", "GET")
         target = request_target(environ)
-        stream = environ["wsgi.input"]
-        resp = self.app.handle(method, target, Headers(environ), lambda n: stream.read(n))
+        resp = self.app.handle(method, target, Headers(environ), environ["wsgi.input"].read)
         headers = [("Content-Type", resp.content_type), ("Content-Length", str(len(resp.body)))]
         headers += [(k, v) for k, v in {**SECURITY_HEADERS, **resp.headers}.items()]
         if resp.close:
