@@ -22,7 +22,7 @@ from torch import nn
 from models.combiner import Combiner
 from models.errors import ModelError
 from models.scoped import open_clip_scope
-from models.weights import load_clip_weights, read_state_dict
+from models.weights import load_clip_weights, read_state_dict, strip_module
 from stbir_infer.contract import BRANCHES, QUERY_NEEDS_INPUT
 
 STAGE_TARGETS = BRANCHES + ("all", "combiner")  # combiner: only the learned fusion learns
@@ -132,7 +132,7 @@ def _to_one_channel(conv: nn.Conv2d) -> nn.Conv2d:
 def _load_weights_file(path: str, key: str) -> dict:
     sd = read_state_dict(path, key)
     sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd
-    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return strip_module(sd)
 
 
 class ArcFaceHead(nn.Module):

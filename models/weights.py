@@ -61,7 +61,8 @@ def detect_format(sd: dict) -> str:
     return "open_clip"
 
 
-def _strip_module(sd: dict) -> dict:
+def strip_module(sd: dict) -> dict:
+    """Keys without DataParallel's ``module.`` prefix."""
     return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
@@ -86,7 +87,7 @@ def load_clip_weights(clip: nn.Module, name: str, path: str, quick_gelu: bool) -
     elif fmt == "open_clip-checkpoint":
         sd = sd["state_dict"]
     sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
-          for k, v in _strip_module(sd).items()}
+          for k, v in strip_module(sd).items()}
     if "logit_scale" in sd and sd["logit_scale"].ndim != clip.logit_scale.ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(clip.logit_scale.shape)
     if getattr(clip, "logit_bias", None) is None:
