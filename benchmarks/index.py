@@ -16,6 +16,23 @@ defaults), ef_search in 16..256. Memory: numpy = the matrix's nbytes; hnswlib = 
 ``save_index``'s file (its in-memory layout, written out as is); faiss = ``serialize_index`` length.
 
     python benchmarks/index.py [--sizes 10000,100000] [--large] [--dists clustered,uniform]
+
+Two more questions, each its own run (``--out`` names the JSON):
+
+- ``--scale``: one gallery of ``--sizes`` (e.g. 1000000) clustered vectors, the runtime's index
+  beside faiss HNSW and faiss IVF-PQ (alone, and re-ranked on full vectors to reach equal
+  recall): build time, on-disk size, load time and memory of a fresh process that loads it (a
+  subprocess; for the runtime, ``GalleryIndex.load`` of a real index dir with the metadata of
+  that many photos, with and without the in-memory copy that checksum verification can make),
+  recall@10 and latency per ef / nprobe, and the cheapest setting of each engine reaching equal
+  recall (``--targets``).
+- ``--lifecycle``: what deletes and filters do to the graph (the runtime's thresholds come from
+  here): recall@10 and latency after marking a share of the vectors deleted, against a rebuild
+  of what is left; and filtered queries (hnswlib's filter callback) against exact search of the
+  matching vectors at several selectivities.
+
+    python benchmarks/index.py --scale --sizes 1000000 --dim 128 --out benchmarks/results/index_scale_1m_128.json
+    python benchmarks/index.py --lifecycle --sizes 100000 --dim 128 --out benchmarks/results/index_lifecycle.json
 """
 
 from __future__ import annotations
@@ -55,6 +72,17 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--efs", default=",".join(map(str, EFS)), help="ef_search values")
     p.add_argument("--no-faiss", action="store_true", help="skip faiss even when installed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", action="store_true", help="the scale run (see above)")
+    p.add_argument("--lifecycle", action="store_true", help="deletes and filters (see above)")
+    p.add_argument("--parts", default="deletes,filters",
+                   help="--lifecycle: which parts (default %(default)s)")
+    p.add_argument("--engines", default="hnswlib,faiss-hnsw,faiss-ivfpq",
+                   help="--scale: engines to run (default %(default)s)")
+    p.add_argument("--nprobes", default="1,4,16,64,256", help="--scale: IVF nprobe values")
+    p.add_argument("--targets", default="0.9,0.95,0.99", help="--scale: recall@10 levels to compare at")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "stbir-index-bench",
+                   help="--scale: where the indexes are written (default %(default)s)")
+    p.add_argument("--probe-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     common.add_common_args(p, "index")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -64,7 +92,12 @@ def parse(argv=None) -> argparse.Namespace:
     if any(d not in ("clustered", "uniform") for d in args.dists):
         p.error("--dists takes clustered and/or uniform")
     args.efs = [int(e) for e in args.efs.split(",")]
-    if args.quick:
+    args.nprobes = [int(e) for e in args.nprobes.split(",")]
+    args.targets = [float(t) for t in args.targets.split(",")]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.quick and (args.scale or args.lifecycle):
+        args.sizes, args.queries, args.exact_queries = [20000], 200, 20
+    elif args.quick:
         args.sizes, args.queries, args.exact_queries = [2000], 200, 50
         args.dists = args.dists[:1]
     return args
@@ -260,6 +293,12 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.probe_load:
+        import index_scale
+        return index_scale.probe_load(*args.probe_load)
+    if args.scale or args.lifecycle:
+        import index_scale
+        return index_scale.main(args)
     result, t_start = common.begin("index", args.threads)
     faiss_ok = result["faiss"] = have_faiss() and not args.no_faiss
     result.update({"settings": {"dim": args.dim, "k": K, "queries": args.queries,

@@ -49,6 +49,16 @@ class EnrollError(StbirInferError):
     """An enroll that cannot start (missing images dir, bad batch size...)."""
 
 
+class ProviderError(StbirInferError):
+    """An onnxruntime session setting that cannot be used: an execution provider onnxruntime does
+    not know (one it knows but lacks falls back to the CPU instead), threads < 1."""
+
+
+class IndexEditError(StbirInferError):
+    """A remove, prune, relocate or reindex that cannot do what was asked (a path the index does
+    not hold, a folder that is not one of its roots); the index is left as it was."""
+
+
 class ImageDecodeError(StbirInferError, ValueError):
     """A file that is not a readable image, or one too large to decode within the runtime's bounds
     (``stbir_infer.preprocess.MAX_PIXELS``). Still a ValueError, as it was before it joined this
@@ -69,7 +79,7 @@ class NonFiniteEmbeddingError(QueryError):
 
 
 __all__ = [
-    "EnrollError", "ExportDirError", "ImageDecodeError", "IndexFormatError", "IndexLockedError",
+    "EnrollError", "ExportDirError", "ImageDecodeError", "IndexEditError", "IndexFormatError", "IndexLockedError",
     "IndexNotFoundError", "ModelMismatchError", "NonFiniteEmbeddingError", "ParameterError",
-    "QueryError", "StbirInferError", "TokenizerError",
+    "ProviderError", "QueryError", "StbirInferError", "TokenizerError",
 ]

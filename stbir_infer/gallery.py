@@ -1,8 +1,10 @@
 """The gallery in memory: an HNSW index (hnswlib, cosine) of unit vectors plus its metadata.
 
 ``items`` maps HNSW label -> content sha256 (one vector per distinct content); ``files`` maps
-path -> {sha256, size, mtime_ns, label}; ``paths`` maps label -> the sorted paths showing that
-content; ``skipped`` remembers files that were not images, so an unchanged one is not read again.
+path -> {sha256, size, mtime_ns, label, and ``tags`` {key: value} when tagged}; ``paths`` maps
+label -> the sorted paths showing that content; ``skipped`` remembers files that were not images
+(or were removed on purpose), so an unchanged one is not read again. Paths are absolute in
+memory and stored relative to their enrolled root (``roots``) on disk (``stbir_infer.roots``).
 Paths are kept as ``os.fsdecode`` gives them (undecodable bytes as lone surrogates, which
 meta.json stores as ``\\udcXX`` escapes), so ``open(path)`` opens the right file; show them with
 ``stbir_infer.paths.display``.
@@ -17,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from stbir_infer import store
-from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
+from stbir_infer import filters, roots, store
+from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, embedding_space
 from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError
 
 SPACE = store.SPACE
+# Past this share of deleted slots, save() rebuilds the graph from the live vectors: marked
+# slots cost search time (at ef 64, 100k vectors: x1.4 at 30%, x1.9 at 50%, x3.9 at 70%), and
+# refilling them with replace_deleted costs recall (after 50%: 0.994 instead of 1.0 at ef 64 and
+# 128); benchmarks/index.py --lifecycle.
+MAX_DELETED_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,6 @@ class GalleryIndex:
 
     def __init__(self, *, dim: int, model: dict, params: HnswParams, meta: dict | None = None,
                  hnsw=None):
-        import hnswlib
-
         self.dim = int(dim)
         self.model = dict(model)
         self.params = params
@@ -73,15 +78,15 @@ class GalleryIndex:
         self.updated = meta.get("updated")
         self.next_label = int(meta.get("next_label", 0))
         self.items: dict[int, str] = {int(k): v["sha256"] for k, v in (meta.get("items") or {}).items()}
-        self.files: dict[str, dict] = dict(meta.get("files") or {})
-        self.skipped: dict[str, dict] = dict(meta.get("skipped") or {})
         self.roots: list[str] = list(meta.get("roots") or [])
+        files, skipped = meta.get("files") or {}, meta.get("skipped") or {}
+        if meta and self.format_version >= 3:  # stored per root, relative to it
+            files, skipped = roots.join_roots(self.roots, files), roots.join_roots(self.roots, skipped)
+        self.files: dict[str, dict] = dict(files)
+        self.skipped: dict[str, dict] = dict(skipped)
+        self._where_cache: dict = {}
         self.unsaved = 0 if meta else 1  # a new index is worth writing even when empty
-        if hnsw is None:
-            hnsw = hnswlib.Index(space=SPACE, dim=self.dim)
-            hnsw.init_index(max_elements=64, M=params.M, ef_construction=params.ef_construction,
-                            random_seed=100, allow_replace_deleted=True)
-        self.hnsw = hnsw
+        self.hnsw = hnsw if hnsw is not None else self.empty_graph(64)
         self.hnsw.set_ef(params.ef_search)
         self._rebuild_maps()
 
@@ -141,9 +146,24 @@ class GalleryIndex:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
 
-    def check_model(self, model: dict, index_dir: str | Path = "") -> None:
-        """Refuse an export other than the one this index was built with."""
-        if model.get("fingerprint") != self.model.get("fingerprint"):
+    def check_dim(self, embed_dim: int, index_dir: str | Path = "") -> None:
+        if int(embed_dim) != self.dim:
+            raise ModelMismatchError(f"{index_dir}: index dim {self.dim} != export embed_dim "
+                                     f"{embed_dim}")
+
+    def check_model(self, model: dict, index_dir: str | Path = "", *, query: bool = False) -> None:
+        """Refuse an export other than the one this index was built with. ``query``: also let in
+        an export in the index's embedding space (a student distilled from the teacher that
+        enrolled it); writing to the index still takes the export that built it."""
+        same_export = model.get("fingerprint") == self.model.get("fingerprint")
+        space, theirs = embedding_space(self.model), embedding_space(model)
+        if query and not same_export and theirs != space:
+            raise ModelMismatchError(
+                f"{index_dir}: index vectors are in embedding space {str(space)[:12]} (export "
+                f"{str(self.model.get('fingerprint'))[:12]}), the query export "
+                f"{model.get('model_dir')} in {str(theirs)[:12]}; query with an export of that "
+                f"space (its own, or a student distilled from it)")
+        if not query and not same_export:
             mine = self.model.get("fingerprint") or "?"
             theirs = model.get("fingerprint") or "?"
             raise ModelMismatchError(
@@ -196,8 +216,10 @@ class GalleryIndex:
             lst = self.paths.setdefault(label, [])
             lst.append(path)
             lst.sort()
-        self.files[path] = {"sha256": sha256, "size": int(size), "mtime_ns": int(mtime_ns),
-                            "label": label}
+        rec = {"sha256": sha256, "size": int(size), "mtime_ns": int(mtime_ns), "label": label}
+        if old is not None and old.get("tags"):
+            rec["tags"] = old["tags"]
+        self.files[path] = rec
         self.skipped.pop(path, None)
         self.unsaved += 1
 
@@ -218,6 +240,34 @@ class GalleryIndex:
         if self.skipped.pop(path, None) is not None:
             self.unsaved += 1
 
+    def tag_under(self, folder: str, tags: dict[str, str]) -> None:
+        """Set ``tags`` on every file under ``folder`` (an absolute path; other tags stay)."""
+        if not tags:
+            return
+        for path, rec in self.files.items():
+            if roots.is_within(path, folder) and any(
+                    (rec.get("tags") or {}).get(k) != v for k, v in tags.items()):
+                rec["tags"] = {**(rec.get("tags") or {}), **tags}
+                self.unsaved += 1
+
+    def relocate(self, old: str, new: str) -> list[str]:
+        """Every root at or under ``old`` moves to ``new`` (with the files and skipped records
+        under it); returns the roots moved (none: ``old`` holds no root). Refuses a move that
+        would give two files the same path."""
+        moved_roots = [r for r in self.roots if roots.is_within(r, old)]
+        if not moved_roots:
+            return []
+        files = {roots.moved(p, old, new): rec for p, rec in self.files.items()}
+        skipped = {roots.moved(p, old, new): rec for p, rec in self.skipped.items()}
+        if len(files) != len(self.files) or len(skipped) != len(self.skipped):
+            raise ParameterError(f"{new}: the index already has files at the paths those under "
+                                 f"{old} would move to")
+        self.roots = list(dict.fromkeys(roots.moved(r, old, new) for r in self.roots))
+        self.files, self.skipped = files, skipped
+        self._rebuild_maps()
+        self.unsaved += 1
+        return moved_roots
+
     def _unlink(self, path: str, label: int) -> None:
         lst = self.paths.get(label, [])
         if path in lst:
@@ -234,27 +284,79 @@ class GalleryIndex:
         live = self.items
         return [int(x) for x in self.hnsw.get_ids_list() if int(x) not in live]
 
+    def deleted_share(self) -> float:
+        total = self.hnsw.element_count
+        return (total - len(self.items)) / total if total else 0.0
+
+    def empty_graph(self, capacity: int):
+        """A new, empty hnswlib index with this index's dim and parameters."""
+        import hnswlib
+
+        hnsw = hnswlib.Index(space=SPACE, dim=self.dim)
+        hnsw.init_index(max_elements=max(64, int(capacity)), M=self.params.M,
+                        ef_construction=self.params.ef_construction, random_seed=100,
+                        allow_replace_deleted=True)
+        hnsw.set_ef(self.params.ef_search)
+        return hnsw
+
+    def compact(self) -> None:
+        """Rebuild the graph from the live vectors only (same labels and parameters)."""
+        labels = np.fromiter(sorted(self.items), np.int64, len(self.items))
+        hnsw = self.empty_graph(len(labels))
+        hnsw.set_num_threads(self.hnsw.num_threads)
+        for s in range(0, len(labels), 65536):  # bounded extra memory while copying
+            hnsw.add_items(self.hnsw.get_items(labels[s:s + 65536]), labels[s:s + 65536])
+        self.hnsw = hnsw
+        self.unsaved += 1
+
+    # -- filters -------------------------------------------------------------------------------------
+    def tag_keys(self) -> set[str]:
+        return {k for rec in self.files.values() for k in (rec.get("tags") or {})}
+
+    def labels_where(self, where: filters.Where) -> set[int]:
+        """Labels with at least one file matching ``where`` (QueryError for an unknown key)."""
+        key = (tuple(sorted(where.items())), self.generation, self.unsaved)
+        if key not in self._where_cache:
+            filters.check_keys(where, self.tag_keys())
+            if len(self._where_cache) >= 16:
+                self._where_cache.clear()
+            self._where_cache[key] = {int(rec["label"]) for path, rec in self.files.items()
+                                      if filters.matches(path, rec, self.roots, where)}
+        return self._where_cache[key]
+
+    def paths_where(self, label: int, where: filters.Where | None) -> list[str]:
+        paths = self.paths.get(label) or []
+        if not where:
+            return paths
+        return [p for p in paths if filters.matches(p, self.files[p], self.roots, where)]
+
     # -- search --------------------------------------------------------------------------------------
-    def search(self, vector: np.ndarray, k: int, ef: int | None = None) -> list[tuple[int, float]]:
-        """Top-k (label, cosine similarity), best first."""
-        k = min(int(k), len(self.items))
+    def search(self, vector: np.ndarray, k: int, ef: int | None = None,
+               allowed: set[int] | None = None) -> list[tuple[int, float]]:
+        """Top-k (label, cosine similarity), best first; only ``allowed`` labels when given
+        (hnswlib's filter callback, or exact search when few match: ``filters.use_exact``)."""
+        k = min(int(k), len(self.items) if allowed is None else len(allowed))
         if k <= 0:
             return []
         q = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
+        if allowed is not None and filters.use_exact(len(allowed), len(self.items), self.dim):
+            return self._exact(q[0], k, allowed)
+        keep = None if allowed is None else allowed.__contains__
         ef = max(int(ef or self.params.ef_search), k)
         for ef_try in (ef, max(4 * ef, 256), self.hnsw.element_count):
             self.hnsw.set_ef(ef_try)
             try:
-                labels, dists = self.hnsw.knn_query(q, k=k)
+                labels, dists = self.hnsw.knn_query(q, k=k, filter=keep)
                 break
             except RuntimeError:  # hnswlib found fewer than k (many deleted slots): search wider
                 continue
         else:
-            return self._exact(q[0], k)
+            return self._exact(q[0], k, allowed)
         return [(int(label), float(1.0 - d)) for label, d in zip(labels[0], dists[0])]
 
-    def _exact(self, q: np.ndarray, k: int) -> list[tuple[int, float]]:
-        labels = np.fromiter(self.items, np.int64, len(self.items))
+    def _exact(self, q: np.ndarray, k: int, allowed: set[int] | None = None) -> list[tuple[int, float]]:
+        among = self.items if allowed is None else allowed
+        labels = np.fromiter(among, np.int64, len(among))
         vecs = np.asarray(self.hnsw.get_items(labels), np.float32)
         vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         scores = vecs @ (q / max(float(np.linalg.norm(q)), 1e-12))
@@ -263,19 +365,25 @@ class GalleryIndex:
 
     # -- save ----------------------------------------------------------------------------------------
     def meta(self) -> dict:
+        root_list, files = roots.split_by_root(self.files, self.roots)
+        root_list, skipped = roots.split_by_root(self.skipped, root_list)
+        files += [{}] * (len(root_list) - len(files))
         return {
             "format": store.INDEX_FORMAT, "format_version": store.INDEX_FORMAT_VERSION,
             "generation": self.generation, "created": self.created, "updated": self.updated,
             "model": self.model, "space": SPACE, "dim": self.dim, "hnsw": self.params.to_dict(),
-            "count": len(self.items), "next_label": self.next_label, "roots": self.roots,
+            "count": len(self.items), "next_label": self.next_label, "roots": root_list,
             "deleted": self.deleted_labels(),
             "items": {str(label): {"sha256": sha} for label, sha in sorted(self.items.items())},
-            "files": dict(sorted(self.files.items())),
-            "skipped": dict(sorted(self.skipped.items())),
+            "files": [dict(sorted(f.items())) for f in files],
+            "skipped": [dict(sorted(f.items())) for f in skipped],
         }
 
     def save(self, index_dir: str | Path) -> str:
-        """Commit this state as a new generation (caller holds the writer lock). Returns its name."""
+        """Commit this state as a new generation (caller holds the writer lock). Returns its name.
+        A graph with more than MAX_DELETED_SHARE deleted slots is rebuilt first."""
+        if self.deleted_share() > MAX_DELETED_SHARE:
+            self.compact()
         name, meta = store.commit(
             index_dir, meta=self.meta(), after=self.generation,
             write_files=lambda tmp: self.hnsw.save_index(str(tmp / store.INDEX_FILE)))

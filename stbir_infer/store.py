@@ -19,7 +19,8 @@ writer. Readers take no lock: they follow ``CURRENT``.
 ``meta.json`` records the size and sha256 of every other file of its generation (``checksums``);
 a reader verifies a file's bytes before handing it to a library that trusts them (hnswlib reads
 whatever is there, and a flipped byte can crash the process). Format version 1 (before
-checksums) is still read, unverified; the next enroll rewrites it as version 2.
+checksums) is still read, unverified, and version 2 (absolute paths in meta.json) as it is; the
+next writer rewrites either as version 3 (paths relative to the enrolled roots: ``roots``).
 
 This module knows nothing of vectors; ``gallery.GalleryIndex`` is the in-memory side.
 """
@@ -33,7 +34,7 @@ import re
 import shutil
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -41,8 +42,10 @@ from stbir_infer.contract import HNSW_SPACE, atomic_write_text, file_sha256, fsy
 from stbir_infer.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 INDEX_FORMAT = "stbir-index"
-INDEX_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: no checksums (read unverified, rewritten by the next enroll)
+INDEX_FORMAT_VERSION = 3
+# 1: no checksums (read unverified); 2: absolute paths; 3: paths relative to their roots. Older
+# versions load as they are and are written as the current one by the next writer.
+READABLE_VERSIONS = (1, 2, 3)
 SPACE = HNSW_SPACE
 CURRENT = "CURRENT"
 LOCK = ".lock"
@@ -321,15 +324,26 @@ def _sha_and_copy(fd: int, out_fd: int | None) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
+def _proc_fd_path(fd: int) -> str | None:
+    path = f"/proc/{os.getpid()}/fd/{fd}"
+    return path if os.path.exists(path) else None
+
+
 @contextmanager
-def verified_file(gen_dir: Path, meta: dict, name: str) -> Iterator[str]:
+def verified_file(gen_dir: Path, meta: dict, name: str, *,
+                  private_copy: bool | None = None) -> Iterator[str]:
     """A path whose bytes are ``gen_dir/name`` as meta.json's checksum says they must be.
 
-    Where the platform allows, the bytes are read once, hashed and copied into an anonymous
-    in-memory file, and that copy's path is yielded: what a library then opens is exactly what was
-    verified, even if the file on disk changes in between. Elsewhere the file itself is verified
-    and its path yielded. Raises IndexFormatError on a size or hash mismatch; FileNotFoundError
-    passes through. A version-1 generation (no checksums) yields the path unverified."""
+    The file is opened once (no symbolic link) and hashed through that descriptor, and the path
+    yielded is ``/proc/PID/fd/N`` of that descriptor: swapping the name for another file after the
+    check changes nothing. What is left, an in-place rewrite of that very file while a library
+    reads it, only another user can do to us (``private_copy`` None: the file is not ours, or
+    group/others may write it); then, or with ``private_copy`` True, the bytes are copied into an
+    anonymous in-memory file as they are hashed and the copy is yielded (safe, but the index sits
+    in memory twice while it loads). A size, mtime or ctime changed by the end of the caller's
+    block is an IndexFormatError. Without /proc, the file's own path is yielded. IndexFormatError
+    on a size or hash mismatch; FileNotFoundError passes through; version 1 (no checksums) is
+    yielded unverified."""
     path = gen_dir / name
     sums = meta.get("checksums")
     if sums is None:  # format version 1
@@ -347,16 +361,20 @@ def verified_file(gen_dir: Path, meta: dict, name: str) -> Iterator[str]:
             raise IndexFormatError(f"{path}: not a regular file")
         if st.st_size != want["bytes"]:
             raise IndexFormatError(f"{path}: {st.st_size} bytes, metadata says {want['bytes']}")
-        if hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd"):
-            try:
+        if private_copy is None:  # could someone else rewrite it in place?
+            private_copy = st.st_uid != os.geteuid() or bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+        if private_copy and hasattr(os, "memfd_create") and _proc_fd_path(fd):
+            with suppress(OSError):
                 copy_fd = os.memfd_create("stbir-index", getattr(os, "MFD_CLOEXEC", 0))
-            except OSError:
-                copy_fd = None
         digest, n = _sha_and_copy(fd, copy_fd)
         if digest != want["sha256"] or n != want["bytes"]:
             raise IndexFormatError(f"{path}: contents do not match the checksum in {META_FILE} "
                                    "(the file is corrupt)")
-        yield f"/proc/{os.getpid()}/fd/{copy_fd}" if copy_fd is not None else str(path)
+        yield _proc_fd_path(copy_fd if copy_fd is not None else fd) or str(path)
+        now = os.fstat(fd)
+        if copy_fd is None and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            raise IndexFormatError(f"{path}: changed while it was loading")
     finally:
         os.close(fd)
         if copy_fd is not None:

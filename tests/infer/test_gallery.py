@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stbir_infer import contract, store
+from stbir_infer import contract, gallery, store
 from stbir_infer.errors import ModelMismatchError, ParameterError
 from stbir_infer.gallery import GalleryIndex, HnswParams
 
@@ -27,7 +27,8 @@ def test_params_come_from_the_contract_and_are_checked():
             HnswParams(**bad)
 
 
-def test_files_items_paths_stay_consistent_through_edits_and_a_save(tmp_path):
+def test_files_items_paths_stay_consistent_through_edits_and_a_save(tmp_path, monkeypatch):
+    monkeypatch.setattr(gallery, "MAX_DELETED_SHARE", 1.0)  # no compaction (test_lifecycle.py)
     rng = np.random.default_rng(0)
     g = GalleryIndex.create(dim=8, model=MODEL)
     assert g.unsaved  # a new index is worth writing

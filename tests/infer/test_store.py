@@ -13,6 +13,7 @@ from infer_helpers import make_photos, one_error_line, run_cli
 from stbir_infer import store
 from stbir_infer.errors import IndexFormatError, IndexLockedError
 from stbir_infer.gallery import GalleryIndex
+from stbir_infer.roots import join_roots
 from stbir_infer.searcher import Searcher
 
 
@@ -27,7 +28,7 @@ def small_index(export_dir, tmp_path):
 def test_a_generation_records_the_sha256_of_its_files(small_index):
     gen = small_index / store.current_generation(small_index)
     meta = json.loads((gen / "meta.json").read_text())
-    assert meta["format_version"] == store.INDEX_FORMAT_VERSION == 2
+    assert meta["format_version"] == store.INDEX_FORMAT_VERSION == 3
     assert set(meta["checksums"]) == {"index.bin"}
     assert meta["checksums"]["index.bin"] == store._checksum(gen / "index.bin")
     assert meta["index_bytes"] == (gen / "index.bin").stat().st_size
@@ -50,11 +51,13 @@ def test_a_version_1_generation_still_loads_and_the_next_enroll_upgrades_it(expo
     meta = json.loads((gen / "meta.json").read_text())
     del meta["checksums"]
     meta["format_version"] = 1
+    meta["files"] = join_roots(meta["roots"], meta["files"])  # version 1 paths were absolute
+    meta["skipped"] = join_roots(meta["roots"], meta["skipped"])
     (gen / "meta.json").write_text(json.dumps(meta))
     assert len(GalleryIndex.load(small_index)) == 2
     r = Searcher(export_dir, small_index).enroll(tmp_path / "p")
     assert r.unchanged == 2
-    assert GalleryIndex.load(small_index).format_version == 2
+    assert GalleryIndex.load(small_index).format_version == store.INDEX_FORMAT_VERSION
     assert store.current_generation(small_index) == "gen-000002"
 
 

@@ -1,0 +1,93 @@
+"""The index-lifecycle commands of ``stbir-infer`` (``stbir_infer.lifecycle``,
+``stbir_infer.vectors_export``), registered on the main group by ``stbir_infer.cli``:
+
+    stbir-infer remove --index IDX PATH...          files or folders out of the index
+    stbir-infer prune --index IDX                   entries whose files are gone
+    stbir-infer relocate --index IDX OLD NEW        the gallery moved from OLD to NEW
+    stbir-infer reindex --index IDX --model EXPORT  every photo again, with another export
+    stbir-infer export-vectors --index IDX OUT      vectors.npy + entries.jsonl + manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def _report(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"{report.summary()} ({report.seconds:.1f} s)")
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
+
+
+def register(main: click.Group, index_option, model_option) -> None:
+    """Add the commands to ``main`` (with the main CLI's --index / --model options)."""
+
+    @main.command()
+    @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+    @index_option
+    @_json_option
+    def remove(paths, index_dir, as_json):
+        """Take photos (files, or every file under folders) out of the index for good."""
+        from stbir_infer.lifecycle import remove as run
+
+        _report(run(index_dir, paths), as_json)
+
+    @main.command()
+    @index_option
+    @_json_option
+    def prune(index_dir, as_json):
+        """Drop entries whose files are gone (kept where their whole root is missing)."""
+        from stbir_infer.lifecycle import prune as run
+
+        _report(run(index_dir), as_json)
+
+    @main.command()
+    @click.argument("old", metavar="OLD_ROOT")
+    @click.argument("new", metavar="NEW_ROOT")
+    @index_option
+    @_json_option
+    def relocate(old, new, index_dir, as_json):
+        """The gallery moved (another disk, another machine): its roots at or under OLD_ROOT are
+        now under NEW_ROOT. Ids, tags and vectors stay."""
+        from stbir_infer.lifecycle import relocate as run
+
+        _report(run(index_dir, old, new), as_json)
+
+    @main.command()
+    @model_option
+    @index_option
+    @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+    @click.option("--threads", type=click.IntRange(min=1), default=None,
+                  help="Threads for onnxruntime, decoding and hnswlib (default: library's).")
+    @click.option("--int8", is_flag=True, help="Use the export's int8-quantised graphs.")
+    @_json_option
+    def reindex(model_dir, index_dir, batch_size, threads, int8, as_json):
+        """Encode every photo again with the export --model into a new generation (same ids,
+        files and tags); the old one stays live until it is complete."""
+        from stbir_infer.lifecycle import reindex as run
+
+        _report(run(index_dir, model_dir, batch_size=batch_size, threads=threads,
+                    precision="int8" if int8 else "fp32"), as_json)
+
+    @main.command("export-vectors")
+    @click.argument("out_dir", metavar="OUT")
+    @index_option
+    def export_vectors(out_dir, index_dir):
+        """Write the vectors (vectors.npy), entries (entries.jsonl) and a manifest.json to OUT, for
+        a vector database or a sharded index."""
+        from stbir_infer.paths import display
+        from stbir_infer.vectors_export import export_vectors as run
+
+        m = run(index_dir, out_dir)
+        click.echo(f"{m['count']} vectors of {m['dim']} dims -> {display(out_dir)}")
+
+
+__all__ = ["register"]

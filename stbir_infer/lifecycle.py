@@ -1,0 +1,240 @@
+"""The index over its life: remove, prune, relocate and reindex.
+
+Each takes the writer lock (a second writer gets IndexLockedError), loads the live generation,
+edits it in memory and commits one new generation, like enroll: a crash at any point leaves the
+previous generation live, and a refused request (IndexEditError, ModelMismatchError) writes
+nothing. None of them needs the export except reindex, which encodes every photo again with a
+new one.
+
+    from stbir_infer import lifecycle
+    lifecycle.remove("index/", ["photos/2019/blurry.jpg", "photos/tmp/"])
+    lifecycle.prune("index/")                            # files that are gone leave the index
+    lifecycle.relocate("index/", "/mnt/old/photos", "/data/photos")
+    lifecycle.reindex("index/", "export-v2/")            # same ids and tags, new vectors
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from stbir_infer import store
+from stbir_infer.errors import IndexEditError, IndexNotFoundError, NonFiniteEmbeddingError
+from stbir_infer.gallery import GalleryIndex
+from stbir_infer.paths import display
+from stbir_infer.roots import is_within
+from stbir_infer.roots import moved as moved_to
+from stbir_infer.scan import read_if_sha
+
+# The reason kept for a removed file that still exists, so that enrolling its folder again does
+# not bring it back while it is unchanged (enroll skips it, like a known non-image).
+REMOVED = "removed from the index (stbir-infer remove); enroll adds it again once it changes"
+
+
+@dataclass
+class EditReport:
+    """What one remove / prune / relocate / reindex did (counts are of files unless named)."""
+
+    action: str
+    removed: int = 0          # files that left the index
+    kept: int = 0             # prune: files kept because their root is missing (not mounted?)
+    missing_roots: list[str] = field(default_factory=list)
+    moved_roots: list[tuple[str, str]] = field(default_factory=list)
+    encoded: int = 0          # reindex: contents encoded with the new export
+    dropped: int = 0          # reindex: contents whose files are gone or changed (left the index)
+    total: int = 0            # distinct images in the index afterwards
+    generation: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("action", "removed", "kept", "encoded", "dropped",
+                                           "total", "generation")}
+        d.update(seconds=round(self.seconds, 3), missing_roots=[display(r) for r in self.missing_roots],
+                 moved_roots=[[display(a), display(b)] for a, b in self.moved_roots],
+                 notes=[display(n) for n in self.notes])
+        return d
+
+    def summary(self) -> str:
+        if self.action == "relocate":
+            what = "; ".join(f"{display(a)} -> {display(b)}" for a, b in self.moved_roots)
+            head = f"moved {len(self.moved_roots)} root(s): {what}"
+        elif self.action == "reindex":
+            head = f"{self.encoded} encoded, {self.dropped} dropped (file gone or changed)"
+        else:
+            head = f"{self.removed} removed"
+            if self.action == "prune" and self.missing_roots:
+                head += (f", {self.kept} kept under {len(self.missing_roots)} missing root(s) "
+                         f"({', '.join(display(r) for r in self.missing_roots)}; relocate them?)")
+        return f"{head}; {self.total} images in the index"
+
+
+@contextmanager
+def _editing(index_dir: str | Path, report: EditReport, threads: int | None = None
+             ) -> Iterator[GalleryIndex]:
+    """The live index under the writer lock; committed afterwards when it changed (or was of an
+    older format). An exception inside commits nothing."""
+    t0 = time.perf_counter()
+    index_dir = Path(index_dir).expanduser()
+    if not store.exists(index_dir):  # before the lock, which would create the dir
+        raise IndexNotFoundError(f"{index_dir}: no index here (run `stbir-infer enroll` first)")
+    with store.writer_lock(index_dir):
+        store.cleanup(index_dir)  # leftovers of a crashed writer
+        idx = GalleryIndex.load(index_dir, threads=threads)
+        yield idx
+        if idx.unsaved or idx.format_version < store.INDEX_FORMAT_VERSION:
+            report.generation = idx.save(index_dir)
+        report.total = len(idx)
+    report.seconds = time.perf_counter() - t0
+
+
+def _candidates(path: str | os.PathLike) -> list[str]:
+    """The absolute forms a user's path may have in the index (as given, and links resolved)."""
+    given = os.path.abspath(os.path.expanduser(os.fsdecode(path)))
+    return list(dict.fromkeys([given, os.path.realpath(given)]))
+
+
+def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditReport:
+    """Take files, or every file under folders, out of the index. A path the index holds no file
+    at or under is an IndexEditError and nothing is removed. A removed file that still exists is
+    remembered (``REMOVED``), so enrolling its folder again does not bring it back unchanged."""
+    report = EditReport("remove")
+    paths = list(paths)
+    if not paths:
+        raise IndexEditError("remove: give at least one file or folder")
+    with _editing(index_dir, report) as idx:
+        targets: dict[str, None] = {}
+        for given in paths:
+            found = [p for c in _candidates(given) for p in idx.files if is_within(p, c)]
+            if not found:
+                raise IndexEditError(f"{display(os.fsdecode(given))}: no file of the index is "
+                                     "there (nothing was removed)")
+            targets.update(dict.fromkeys(found))
+        for path in targets:
+            idx.remove_file(path)
+            try:
+                st = os.stat(path)
+                idx.mark_skipped(path, st.st_size, st.st_mtime_ns, REMOVED)
+            except OSError:
+                pass  # gone already: nothing to keep out
+        report.removed = len(targets)
+    return report
+
+
+def prune(index_dir: str | Path) -> EditReport:
+    """Drop the entries whose files are gone. Files under a root that is itself missing (a disk
+    not mounted, a folder moved: see ``relocate``) are kept and reported, not dropped."""
+    report = EditReport("prune")
+    with _editing(index_dir, report) as idx:
+        report.missing_roots = [r for r in idx.roots if not os.path.isdir(r)]
+
+        def gone(path: str) -> bool | None:  # None: cannot tell (under a missing root)
+            if any(is_within(path, r) for r in report.missing_roots):
+                return None
+            try:
+                os.stat(path)
+                return False
+            except (FileNotFoundError, NotADirectoryError):
+                return True
+            except OSError:  # no permission, I/O error: absence is not proven
+                return False
+
+        for path in list(idx.files):
+            state = gone(path)
+            report.kept += state is None
+            if state:
+                idx.remove_file(path)
+                report.removed += 1
+        for path in [p for p in idx.skipped if gone(p)]:
+            idx.forget_skipped(path)
+    return report
+
+
+def relocate(index_dir: str | Path, old: str | os.PathLike, new: str | os.PathLike) -> EditReport:
+    """Every enrolled root at or under ``old`` now lives under ``new`` (the gallery was moved or
+    copied there); entries keep their ids, tags and vectors. ``old`` holding no root is an
+    IndexEditError."""
+    report = EditReport("relocate")
+    new_abs = os.path.abspath(os.path.expanduser(os.fsdecode(new)))
+    if os.path.isdir(new_abs):
+        new_abs = os.path.realpath(new_abs)  # as enroll records a root
+    else:
+        report.notes.append(f"{new_abs} does not exist (yet): enroll and prune need it there")
+    with _editing(index_dir, report) as idx:
+        for candidate in _candidates(old):
+            moved = idx.relocate(candidate, new_abs)
+            if moved:
+                report.moved_roots = [(r, moved_to(r, candidate, new_abs)) for r in moved]
+                break
+        else:
+            raise IndexEditError(f"{display(os.fsdecode(old))}: no enrolled root is there (roots: "
+                                 f"{', '.join(display(r) for r in idx.roots) or 'none'})")
+    return report
+
+
+def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 32,
+            threads: int | None = None, precision: str = "fp32") -> EditReport:
+    """Encode every photo of the index again with the export at ``model_dir``, into a new
+    generation with the same ids, files and tags; the index then belongs to that export. The old
+    generation stays live until the new one is complete. Contents whose files are all gone or
+    changed leave the index (``dropped``; enroll adds changed files back). An export of another
+    embedding size is a ModelMismatchError and nothing is written."""
+    from stbir_infer import preprocess
+    from stbir_infer.encoders import Encoders
+
+    report = EditReport("reindex")
+    encoders = Encoders(model_dir, threads=threads, precision=precision)
+    spec = encoders.spec("image")
+
+    def decode(label: int, idx: GalleryIndex):
+        for path in idx.paths.get(label, []):
+            data = read_if_sha(path, idx.items[label])
+            if data is not None:
+                try:
+                    return preprocess.load(io.BytesIO(data), spec)
+                except Exception:  # noqa: BLE001 - a file that no longer decodes is dropped
+                    return None
+        return None
+
+    with _editing(index_dir, report, threads=threads) as idx:
+        idx.check_dim(encoders.embed_dim, index_dir)
+        labels = sorted(idx.items)
+        graph = idx.empty_graph(len(labels))
+        if threads:
+            graph.set_num_threads(int(threads))
+        dropped: list[int] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, 8))) as pool:
+            for s in range(0, len(labels), batch_size):
+                batch = labels[s:s + batch_size]
+                pixels = list(pool.map(lambda label: decode(label, idx), batch))
+                ready = [(label, px) for label, px in zip(batch, pixels) if px is not None]
+                dropped += [label for label, px in zip(batch, pixels) if px is None]
+                if not ready:
+                    continue
+                try:
+                    vectors, bad = encoders.encode_pixels("image", np.stack([p for _, p in ready])), []
+                except NonFiniteEmbeddingError as exc:
+                    vectors, bad = exc.vectors, list(exc.rows)
+                dropped += [ready[r][0] for r in bad]
+                good = [i for i in range(len(ready)) if i not in set(bad)]
+                graph.add_items(np.asarray(vectors, np.float32)[good],
+                                np.asarray([ready[i][0] for i in good], np.int64))
+                report.encoded += len(good)
+        for label in dropped:  # out of the old graph's records before the new graph replaces it
+            for path in list(idx.paths.get(label, [])):
+                idx.remove_file(path)
+        report.dropped = len(dropped)
+        idx.hnsw, idx.model = graph, encoders.model_record()
+        idx.unsaved += 1
+    return report
+
+
+__all__ = ["EditReport", "REMOVED", "prune", "reindex", "relocate", "remove"]
