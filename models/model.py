@@ -66,12 +66,17 @@ PRESETS: dict[str, dict] = {
     # MobileNetV2 in both visual towers (timm's mobilenetv2_100 behind open_clip's image tower,
     # torchvision's for sketches): both can start from ImageNet weights (torchvision format).
     "edge": dict(clip_model="stbir-edge", sketch_backbone="mobilenet_v2", sketch_size=96),
+    # A distillation student (stbir-train distill): the edge preset's MobileNetV2 towers at
+    # 48 px (a quarter of the pixels; they take the same ImageNet weights) and one text layer.
+    "tiny": dict(clip_model="stbir-tiny", sketch_backbone="mobilenet_v2", sketch_size=48),
 }
 
 # Image normalisation an architecture's pretrained weights expect, where it is not open_clip's
 # default (the MobileNetV2 ImageNet weights take inputs in [-1, 1]).
 IMAGE_NORM: dict[str, tuple[list[float], list[float]]] = {
     "stbir-edge": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "stbir-tiny": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "stbir-tiny32": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
 
 

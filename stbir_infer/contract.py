@@ -49,6 +49,15 @@ def fingerprint(files: dict[str, str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def embedding_space(record: dict) -> str | None:
+    """The embedding space of an ``export.json`` or of an index's model record: vectors of two
+    exports in the same space can be compared (a student distilled into its teacher's space
+    queries an index the teacher enrolled). Older exports and indexes carry no ``space``; theirs
+    is their own export (its ``fingerprint``), so only that export matches."""
+    space = record.get("space")
+    return space if isinstance(space, str) and space else record.get("fingerprint")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,5 +114,5 @@ __all__ = [
     "EXPORT_FORMAT_VERSION", "FUSION_METHODS", "GRAPH_FILES", "GRAPH_OUTPUT",
     "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "HNSW_SPACE", "MANIFEST", "MANIFEST_KEYS",
     "QUERY_NEEDS_INPUT", "SUPPORTED_EXPORT_VERSIONS", "TOKEN_EMBEDDING", "atomic_write",
-    "atomic_write_text", "file_sha256", "fingerprint", "fsync_dir",
+    "atomic_write_text", "embedding_space", "file_sha256", "fingerprint", "fsync_dir",
 ]

@@ -1,4 +1,4 @@
-"""`stbir-train`: train (the default verb), plus `synth`, `manifest` and `evaluate`.
+"""`stbir-train`: train (the default verb), plus `synth`, `manifest`, `evaluate` and `distill`.
 
 Library code raises specific exceptions; only the edge (``stbir_infer.cli_errors``) turns them into
 one line on stderr and an exit status (2: bad input or usage, 1: training could not go on).
@@ -29,7 +29,7 @@ def main(ctx, config_path, stage, resume):
             raise click.UsageError("--config/--stage/--resume go after the subcommand")
         return
     if not config_path:
-        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, pretrain, evaluate)")
+        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, pretrain, distill, evaluate)")
     from stbir_train.config import load_config
     from stbir_train.train import train
 
@@ -116,6 +116,23 @@ def pretrain(config_path, resume):
     summary = run_pretrain(cfg, resume=resume, log=click.echo)
     click.echo(f"weights: {summary['weights']} (set model.pretrained to it); "
                f"held-out R@k: {summary['results']}")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this run's last.pt.")
+def distill(config_path, resume):
+    """Train the config's model into the embedding space of distill.teacher (a checkpoint):
+    the usual losses plus per-tower cosine and relational KD to the teacher's cached vectors."""
+    from stbir_train.config import load_config
+    from stbir_train.distill import distill as run_distill
+
+    cfg = load_config(config_path)
+    summary = run_distill(cfg, resume=resume, log=click.echo)
+    best = "none (no validation rows)" if summary["best"] is None else f"{summary['best']:.3f}"
+    click.echo(f"best validation sketch+text R@1 {best}; checkpoints: {summary['best_path']}, "
+               f"{summary['last_path']} (space of teacher {summary['teacher']['file']}: "
+               f"{summary['teacher']['space'][:12]})")
 
 
 @main.command()

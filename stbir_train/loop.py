@@ -36,9 +36,12 @@ def _encode(fn, x: torch.Tensor, trainable: bool) -> torch.Tensor:
         return fn(x)
 
 
-def step_losses(model, batch: dict, loss_cfg, target: str) -> dict[str, torch.Tensor]:
+def step_losses(model, batch: dict, loss_cfg, target: str,
+                extra_terms=None) -> dict[str, torch.Tensor]:
     """The loss terms (unweighted) of one batch for a stage whose learning branch is ``target``;
-    ``loss_cfg`` is the config's ``loss`` section (a term with weight 0 is not computed)."""
+    ``loss_cfg`` is the config's ``loss`` section (a term with weight 0 is not computed).
+    ``extra_terms(batch, vectors)`` adds terms on this step's sketch / image / text / query
+    vectors (distillation, ``stbir_train.distill``); their weights are in ``loss_cfg.weights``."""
     learns = {b: target in (b, "all") for b in BRANCHES}
     w = loss_cfg.weights
     s = _encode(model.encode_sketch, batch["sketch"], learns["sketch"])
@@ -80,6 +83,8 @@ def step_losses(model, batch: dict, loss_cfg, target: str) -> dict[str, torch.Te
         y = batch["label"]
         out["arcface"] = (L.arcface_loss(model.arcface.logits(q, y), y)
                           + L.arcface_loss(model.arcface.logits(i, y), y)) / 2
+    if extra_terms is not None:
+        out.update(extra_terms(batch, {"sketch": s, "image": i, "text": t, "query": q}))
     return out
 
 

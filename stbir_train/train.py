@@ -62,6 +62,7 @@ class Run:
     start_stage: int = 0
     start_epoch: int = 0
     best: float | None = None  # best validation sketch+text R@1; None without validation
+    extra_state: dict | None = None  # more checkpoint keys (distill: the teacher's record)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -251,7 +252,7 @@ def validate_and_checkpoint(run: Run, stage: StageRun, epoch: int, losses: dict,
         run.best = score if improved else run.best
     state = dict(config=run.cfg.to_dict(), optimizer=stage.optimizer.state_dict(),
                  stage_index=stage.index, epoch=epoch + 1, step_in_stage=stage.step,
-                 metrics=record, best=run.best, **fusion_state(val))
+                 metrics=record, best=run.best, **fusion_state(val), **(run.extra_state or {}))
     save_checkpoint(run.ckpt_dir / "last.pt", run.model, **state)
     if improved:
         save_checkpoint(run.ckpt_dir / "best.pt", run.model, **state)

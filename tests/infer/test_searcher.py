@@ -102,11 +102,12 @@ def test_index_from_another_export_is_refused(export_dir, tmp_path):
     shutil.copytree(export_dir, other)
     manifest = json.loads((other / "export.json").read_text())
     manifest["fingerprint"] = "f" * 64  # what a different checkpoint's export would carry
+    manifest["space"] = "e" * 64  # (its own weights: another embedding space, tests/infer/test_space.py)
     (other / "export.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelMismatchError, match="built with export"):
+    with pytest.raises(ModelMismatchError, match="embedding space"):
         Searcher(other, idx)
     for args in (["query", "--text", "a"], ["enroll", "--images", tmp_path / "p"], ["info"]):
         res = run_cli(*args, "--model", other, "--index", idx)
         assert res.exit_code == 2, res.output
-        assert "index was built with export" in res.stderr and one_error_line(res.stderr)
+        assert "embedding space" in res.stderr and one_error_line(res.stderr)
     assert len(Searcher(export_dir, idx).query(text="a")) == 2  # the index is untouched
