@@ -9,8 +9,11 @@ that load from other processes that comes and goes is shared between them:
 - torch eager: ``model.encode_sketch / encode_image / encode_text(tokens)`` under
   ``torch.inference_mode()`` with ``torch.set_num_threads(threads)``;
 - onnxruntime fp32 / int8: the runtime's own ``stbir_infer.encoders.Encoders`` sessions
-  (``intra_op_num_threads=threads``); for text, the token-table lookup plus the graph, as the
-  runtime does it (tokenizing is left out of both sides; ``query.py`` times it).
+  (``intra_op_num_threads=threads``, the runtime's default settings); int8 is what
+  ``stbir-export --quantize int8`` ships: static (calibrated on built-in-style photos and
+  sketches) for a tower where that measured faster at export, dynamic otherwise; for text, the
+  token-table lookup plus the graph, as the runtime does it (tokenizing is left out of both
+  sides; ``query.py`` times it).
 
 Inputs are built-in-style synthetic photos / sketches / captions, preprocessed as the runtime does.
 Reported: p50 / p95 ms per call and items/s at batch 1 and 16, the ratios ort/torch and
@@ -33,14 +36,14 @@ import common  # noqa: E402
 
 ENCODERS = ("sketch", "image", "text")
 BACKENDS = ("torch", "ort-fp32", "ort-int8")
-PRESETS = ("small", "seed", "edge")
+PRESETS = ("small", "seed", "edge", "tiny")
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="small,seed",
-                   help="comma-separated model presets (small, seed, edge); default %(default)s")
+                   help="comma-separated model presets (small, seed, edge, tiny); default %(default)s")
     p.add_argument("--batches", default="1,16", help="batch sizes; default %(default)s")
     p.add_argument("--repeats", type=int, default=40, help="timed calls per cell (max)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per backend first")
@@ -144,7 +147,9 @@ def bench_preset(preset: str, args, log) -> dict:
                 "input_size": {"sketch": enc32.spec("sketch")["size"],
                                "image": enc32.spec("image")["size"],
                                "text_context": int(inputs["ids"].shape[1])},
-                "export_seconds": round(sw.seconds, 1), "graph_sizes": sizes, "cells": []}
+                "export_seconds": round(sw.seconds, 1), "graph_sizes": sizes, "cells": [],
+                "int8_methods": {e: r["method"] for e, r in
+                                 enc32.manifest["quantization"]["int8"]["encoders"].items()}}
         for encoder in ENCODERS:
             for b in args.batches:
                 fns = runners(model, enc32, enc8, inputs, encoder, b)
@@ -180,10 +185,12 @@ def targets_for(info: dict) -> list[dict]:
         e = c["encoder"]
         big = max((x for x in info["cells"] if x["encoder"] == e), key=lambda x: x["batch"])
         out.append(common.target(f"{p} {e} b1: ort fp32 / torch time", c["ratio_fp32_to_torch"], 0.6))
-        out.append(common.target(f"{p} {e} b1: int8 / fp32 time", c["ratio_int8_to_fp32"], 0.6))
+        method = info.get("int8_methods", {}).get(e, "?")
+        out.append(common.target(f"{p} {e} b1: int8 ({method}) / fp32 time",
+                                 c["ratio_int8_to_fp32"], 0.5))
         out.append(common.target(f"{p} {e}: int8 cosine to fp32 (min of {big['batch']})",
                                  min(c["cos_int8_to_fp32_min"], big["cos_int8_to_fp32_min"]),
-                                 0.99, ">="))
+                                 0.995, ">="))
     return out
 
 
@@ -209,7 +216,9 @@ def markdown(result: dict) -> str:
              "cos int8~fp32"], rows))
         sizes = ", ".join(f"{e} {s['fp32_mb']:.1f} -> {s['int8_mb']:.1f} MB"
                           for e, s in info["graph_sizes"].items())
-        parts += ["", f"Graph files fp32 -> int8: {sizes}.", ""]
+        methods = ", ".join(f"{e} {m}" for e, m in info["int8_methods"].items())
+        parts += ["", f"Graph files fp32 -> int8: {sizes}. int8 per tower (the export's "
+                  f"measured choice): {methods}.", ""]
     parts += ["Targets (batch 1):", "", common.targets_table(result["targets"])]
     return "\n".join(parts)
 

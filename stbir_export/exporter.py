@@ -5,7 +5,9 @@ graph is written, checked and verified, so a failed export never leaves a half-w
 ``force`` replaces an old export only once the new one is complete.
 
 ``fingerprint`` in export.json is the sha256 of the canonical JSON (sorted keys, no spaces) of the
-``files`` dict; indexes record it to refuse vectors made by a different export.
+``files`` dict; indexes record it to refuse vectors made by a different export. ``space`` is the
+embedding space (``models.space``): a model's own, or for a distilled student its teacher's, so
+the runtime can let a student query an index the teacher enrolled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Callable
 import numpy as np
 
 from models import CheckpointError, ModelError, load_model, open_clip_scope
-from stbir_export import combiner as combiner_export, graphs, verify as verification
+from models.space import embedding_space
+from stbir_export import combiner as combiner_export, graphs, quantize as quantization
+from stbir_export import verify as verification
 from stbir_export.errors import ExportError
 from stbir_export.tokenizer import write_tokenizer
 from stbir_infer.contract import (COMBINER_FORMAT_VERSION, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, GRAPH_FILES, GRAPH_OUTPUT,
@@ -33,8 +37,13 @@ QUANTIZE = ("int8",)
 def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | None = None,
                       verify: bool = True, force: bool = False, batch: int = 4,
                       fusion: str = "auto", threshold_far: float = 1e-3,
+                      calibration: str | Path | None = None,
                       log: Callable[[str], object] = print) -> dict:
     """Export ``checkpoint`` into ``out_dir``; returns the export.json dict.
+
+    ``calibration`` (with ``quantize="int8"``): "auto" or a folder of images, for static int8 of
+    the sketch and image towers where it measures faster (``stbir_export.quantize``); None:
+    dynamic int8 only.
 
     Raises ExportError for a bad checkpoint, a non-empty ``out_dir`` without ``force``, an
     unwritable ``out_dir``, or a graph that fails verification.
@@ -42,6 +51,8 @@ def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | N
     checkpoint, out = Path(checkpoint), Path(out_dir).expanduser().absolute()
     if quantize is not None and quantize not in QUANTIZE:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZE)} (got {quantize!r})")
+    if calibration is not None and quantize is None:
+        raise ExportError("calibration images are for --quantize int8; pass it too")
     if not graphs.MIN_OPSET <= int(opset) <= graphs.MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported "
                           f"(choose {graphs.MIN_OPSET}..{graphs.MAX_OPSET})")
@@ -54,9 +65,11 @@ def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | N
     try:
         log(f"loading {checkpoint}")
         model = _load(checkpoint)
+        calib = None if calibration is None else quantization.calibration_set(
+            calibration, checkpoint, model.export_meta.get("config"), model.input_specs())
         manifest = _build(model, tmp, checkpoint=checkpoint, opset=int(opset), quantize=quantize,
                           verify=verify, batch=int(batch), log=log, fusion=fusion,
-                          threshold_far=float(threshold_far))
+                          threshold_far=float(threshold_far), calibration=calib)
         _install(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,7 +112,12 @@ def _load(checkpoint: Path):
     try:
         with open_clip_scope():  # open_clip warns "initialized randomly": weights come next
             model, meta = load_model(checkpoint)
-            model.export_meta = {k: meta.get(k) for k in ("fusion_selection", "score_thresholds")}
+            model.export_meta = {k: meta.get(k) for k in ("fusion_selection", "score_thresholds",
+                                                           "config")}
+            model.export_meta["space"] = embedding_space(model, meta)
+            teacher = (meta.get("distill") or {}).get("teacher")
+            model.export_meta["teacher"] = ({k: teacher.get(k) for k in ("file", "sha256")}
+                                            if isinstance(teacher, dict) else None)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     except ModelError as exc:
@@ -129,7 +147,8 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 
 
 def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
-           verify: bool, batch: int, log, fusion: str = "auto", threshold_far: float = 1e-3) -> dict:
+           verify: bool, batch: int, log, fusion: str = "auto", threshold_far: float = 1e-3,
+           calibration: quantization.Calibration | None = None) -> dict:
     np.save(tmp / TOKEN_EMBEDDING, model.clip.token_embedding.weight.detach().float().numpy())
     table = np.load(tmp / TOKEN_EMBEDDING, allow_pickle=False)  # verification uses what ships
     tokenizer = write_tokenizer(model, tmp)
@@ -137,7 +156,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
         raise ExportError(f"token table has {table.shape[0]} rows but the tokenizer "
                           f"{tokenizer['vocab_size']} ids")
     specs = model.input_specs()
-    encoders, checks, cosines = {}, {}, {}
+    encoders, checks, int8s = {}, {}, {}
     for enc in graphs.ENCODERS:
         name = GRAPH_FILES[enc]
         raw = graphs.export_raw(model, enc, opset)
@@ -157,11 +176,8 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
                 f" (batch 1 and {batch})")
         if quantize == "int8":
             entry["int8_file"] = name.replace(".onnx", ".int8.onnx")
-            verification.quantize_int8(tmp / name, tmp / entry["int8_file"])
-            cosines[enc] = verification.int8_cosine(model, enc, tmp / name,
-                                                    tmp / entry["int8_file"], lookup, batch)
-            note = "" if cosines[enc] >= verification.INT8_WARN_COSINE else "  (warning: low)"
-            log(f"  int8 {enc}: min cosine to fp32 {cosines[enc]:.5f}{note}")
+            int8s[enc] = quantization.quantize_tower(
+                model, enc, tmp / name, tmp / entry["int8_file"], calibration, lookup, batch, log)
         entry.update(inputs=graphs.input_specs(model, enc), output=GRAPH_OUTPUT)
         if enc == "text":
             entry["token_embedding"] = TOKEN_EMBEDDING
@@ -185,10 +201,15 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
         "source_checkpoint": {"sha256": file_sha256(checkpoint), "file": checkpoint.name},
         "fingerprint": fingerprint(files), **extra,
     }
+    meta = getattr(model, "export_meta", {})
+    if meta.get("space"):  # a student's is its teacher's (stbir-train distill)
+        manifest["space"] = meta["space"]
+    if meta.get("teacher"):
+        manifest["teacher"] = meta["teacher"]
     if quantize == "int8":
-        manifest["quantization"] = {"int8": {
-            "method": "dynamic", "weight_type": "int8", "op_types": verification.INT8_OP_TYPES,
-            "cosine_to_fp32": cosines}}
+        manifest["quantization"] = {"int8": {  # per tower: static or dynamic, and why
+            "encoders": int8s, "cosine_to_fp32": {e: r["cosine_to_fp32"] for e, r in int8s.items()},
+            "calibration": calibration.describe() if calibration else None}}
     manifest["verification"] = checks if verify else None
     manifest["producer"] = _versions()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # the dir is renamed whole

@@ -27,8 +27,10 @@ import numpy as np
 
 from stbir_infer import preprocess as _pre
 from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, GRAPH_OUTPUT, MANIFEST,
-                                  QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING)
+                                  QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING,
+                                  embedding_space)
 from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError
+from stbir_infer.session import DEFAULT_PROVIDER, SPINNING, SessionSettings, open_session
 from stbir_infer.tokenizer import DEFAULT_BPE_FILE, Tokenizer
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -158,11 +160,13 @@ class Encoders:
 
     ``threads`` sets onnxruntime's intra-op threads (None: onnxruntime's default).
     ``precision`` "fp32" (default) or "int8" (the export's quantised graphs, where it has them).
-    ``providers``: onnxruntime execution providers (default: CPU only).
+    ``provider``: onnxruntime execution provider, short name or full (``stbir_infer.session``:
+    one this build lacks falls back to the CPU with a line on stderr); ``spinning``: whether
+    idle worker threads busy-wait (None: ``session.SPINNING``).
     """
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None, precision: str = "fp32",
-                 providers: Sequence[str] | None = None):
+                 provider: str = DEFAULT_PROVIDER, spinning: bool | None = None):
         if precision not in ("fp32", "int8"):
             raise ExportDirError(f"precision {precision!r} is not fp32 or int8")
         if threads is not None and int(threads) < 1:
@@ -171,7 +175,8 @@ class Encoders:
         self.manifest = read_manifest(self.model_dir)
         self.threads = threads
         self.precision = precision
-        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.session_settings = SessionSettings(
+            threads=threads, provider=provider, spinning=SPINNING if spinning is None else spinning)
         self.embed_dim = int(self.manifest["embed_dim"])
         self.fusion_weight = float(self.manifest["fusion_weight"])
         self.fingerprint = str(self.manifest["fingerprint"])
@@ -207,9 +212,11 @@ class Encoders:
                 "precision": self.precision, "format_version": m.get("format_version")}
 
     def model_record(self) -> dict:
-        """What an index records about the export that built it (to refuse another one)."""
+        """What an index records about the export that built it (to refuse another one, or to
+        let a query export in the same embedding space in: ``GalleryIndex.check_model``)."""
         d = self.describe()
-        return {k: d[k] for k in ("fingerprint", "clip_model", "embed_dim", "model_dir", "opset")}
+        record = {k: d[k] for k in ("fingerprint", "clip_model", "embed_dim", "model_dir", "opset")}
+        return {**record, "space": embedding_space(self.manifest)}
 
     def verify_files(self) -> list[str]:
         """export.json's files that are missing, not regular files, or whose sha256 differs from
@@ -285,20 +292,8 @@ class Encoders:
         return export_path(self.model_dir, self._graph_name(branch))
 
     def _open(self, branch: str):
-        import onnxruntime as ort
-
-        path = self.graph_file(branch)
         data = self.read_verified(self._graph_name(branch))  # checked bytes, never re-read
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = int(self.threads)
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            return ort.InferenceSession(data, sess_options=opts, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportDirError(f"{path}: onnxruntime cannot load it "
-                                 f"({str(exc).splitlines()[0][:200]})") from None
+        return open_session(data, self.session_settings, label=str(self.graph_file(branch)))
 
     def _run(self, branch: str, feeds: dict) -> np.ndarray:
         enc = self.manifest["encoders"][branch]

@@ -23,6 +23,7 @@ import numpy as np
 
 from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT
 from stbir_infer.errors import ExportDirError, QueryError
+from stbir_infer.session import open_session
 
 AUTO = "auto"
 
@@ -112,20 +113,10 @@ class Fusion:
             return self._session
 
     def _open(self):
-        import onnxruntime as ort
-
         enc = self.encoders
         path = enc.model_dir / self.entry["file"]
         data = enc.read_verified(self.entry["file"])  # checked against export.json's sha256
-        opts = ort.SessionOptions()
-        if enc.threads:
-            opts.intra_op_num_threads = int(enc.threads)
-        opts.log_severity_level = 3
-        try:
-            sess = ort.InferenceSession(data, sess_options=opts, providers=enc.providers)
-        except Exception as exc:
-            raise ExportDirError(f"{path}: onnxruntime cannot load it "
-                                 f"({str(exc).splitlines()[0][:200]})") from None
+        sess = open_session(data, enc.session_settings, label=str(path))
         got = [i.shape[-1] if i.shape else None for i in sess.get_inputs()]
         if len(got) != len(COMBINER_INPUTS) or any(d != self.embed_dim for d in got):
             raise ExportDirError(f"{path}: the combiner takes inputs of size {got}, but the "

@@ -217,14 +217,15 @@ def _route_logs(echo, quiet: bool) -> None:
 
 
 def serve(model_dir, index_dir, *, host: str = "127.0.0.1", port: int = 8000,
-          threads: int | None = None, precision: str = "fp32", max_body: int = DEFAULT_MAX_BODY,
+          threads: int | None = None, precision: str = "fp32", provider: str = "cpu",
+          max_body: int = DEFAULT_MAX_BODY,
           quiet: bool = False, echo=None, limits: Limits | None = None) -> None:
     """Load the export and the index once, then answer until interrupted (the CLI's ``serve``)."""
     from stbir_infer.searcher import Searcher
 
     _waitress_server()  # before the models load: a missing extra is a one-line error at once
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    searcher = Searcher(model_dir, index_dir, threads=threads, precision=precision)
+    searcher = Searcher(model_dir, index_dir, threads=threads, precision=precision, provider=provider)
     if searcher.current_index() is None:
         raise ServeError(f"{index_dir}: no index here yet (run `stbir-infer enroll --images DIR "
                          f"--index {index_dir}` first)")

@@ -1,0 +1,141 @@
+"""Every onnxruntime session of the runtime is built here, with one set of settings.
+
+``SessionSettings`` holds what a caller may choose: intra-op threads, the execution provider
+(``--provider cpu|cuda|...`` on enroll, query and serve), whether idle worker threads spin, and
+the graph optimisation level. ``open_session`` turns checked model bytes into a session.
+
+Spinning: onnxruntime's intra-op workers busy-wait after each call by default, to catch the next
+one sooner. Off here (``SPINNING``), by measurement (``benchmarks/sessions.py``, README
+"Benchmarks"): on a 2-core machine a sketch+text query, two sessions one after the other, took
+2 to 12 times as long with spinning on (each session's idle workers spin while the other one runs;
+three runs, alone and next to one busy process, load 5-9); spinning saved under 0.1 ms on the
+tiny text graph alone.
+
+Providers: a short name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``dml`` ...:
+onnxruntime's provider name without ``ExecutionProvider``, any case) or the full name. One that
+this onnxruntime build lacks, or that fails to start (no GPU, no driver), falls back to the CPU
+with one line on stderr, once per process; a name onnxruntime does not know is a ProviderError.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+from stbir_infer.errors import ExportDirError, ProviderError
+
+CPU = "CPUExecutionProvider"
+DEFAULT_PROVIDER = "cpu"
+SPINNING = False
+OPTIMIZATION = "all"
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+_SUFFIX = "ExecutionProvider"
+_warned: set[str] = set()  # providers whose fallback has been reported by this process
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def provider_names() -> dict[str, str]:
+    """Short name -> onnxruntime provider name, for every provider onnxruntime knows of."""
+    import onnxruntime as ort
+
+    return {name.removesuffix(_SUFFIX).lower(): name for name in ort.get_all_providers()}
+
+
+def provider_name(value: str) -> str:
+    """onnxruntime's name for ``value`` (short or full, any case); ProviderError if unknown."""
+    key = str(value).strip().lower().removesuffix(_SUFFIX.lower())
+    if key == "cpu":  # without importing onnxruntime: `stbir-infer info` opens no session
+        return CPU
+    names = provider_names()
+    if key not in names:
+        raise ProviderError(f"unknown execution provider {value!r} (onnxruntime knows: "
+                            f"{', '.join(sorted(names))})")
+    return names[key]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How every session of one ``Encoders`` is built (None threads: onnxruntime's default,
+    one per core)."""
+
+    threads: int | None = None
+    provider: str = DEFAULT_PROVIDER
+    spinning: bool = SPINNING
+    optimization: str = OPTIMIZATION
+
+    def __post_init__(self):
+        if self.threads is not None and int(self.threads) < 1:
+            raise ProviderError(f"threads must be >= 1, not {self.threads}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            raise ProviderError(f"graph optimisation {self.optimization!r} is not one of "
+                                f"{', '.join(OPTIMIZATION_LEVELS)}")
+        provider_name(self.provider)  # an unknown name fails here, not at the first query
+
+    def providers(self, warn: Callable[[str], object] = _stderr) -> list[str]:
+        """The provider list for onnxruntime: the chosen one, then the CPU for what it cannot
+        run. A provider this build lacks becomes the CPU alone (``warn`` says so, once)."""
+        import onnxruntime as ort
+
+        name = provider_name(self.provider)
+        if name == CPU:
+            return [CPU]
+        if name not in ort.get_available_providers():
+            _fallback(name, "this onnxruntime build does not have it", warn)
+            return [CPU]
+        return [name, CPU]
+
+    def options(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = int(self.threads)
+            opts.inter_op_num_threads = 1
+        spin = "1" if self.spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        level = ort.GraphOptimizationLevel
+        opts.graph_optimization_level = {
+            "disable": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,
+            "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}[self.optimization]
+        opts.log_severity_level = 3  # errors only: the provider fallback is reported here
+        return opts
+
+    def describe(self) -> dict:
+        return {"threads": self.threads, "provider": provider_name(self.provider),
+                "spinning": self.spinning, "optimization": self.optimization}
+
+
+def _fallback(name: str, why: str, warn: Callable[[str], object]) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        warn(f"stbir-infer: warning: execution provider {name} is not available ({why}); "
+             "running on the CPU")
+
+
+def open_session(model: bytes | str, settings: SessionSettings, *, label: str = "model",
+                 warn: Callable[[str], object] = _stderr):
+    """An InferenceSession over ``model`` (the checked bytes of an .onnx file). ExportDirError
+    naming ``label`` when onnxruntime cannot load it."""
+    import onnxruntime as ort
+
+    providers = settings.providers(warn)
+    try:
+        with warnings.catch_warnings():  # its own multi-line fallback warning: ours is one line
+            warnings.simplefilter("ignore")
+            sess = ort.InferenceSession(model, sess_options=settings.options(), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportDirError(f"{label}: onnxruntime cannot load it "
+                             f"({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
+    if providers[0] != CPU and providers[0] not in sess.get_providers():
+        _fallback(providers[0], "it failed to start", warn)  # e.g. no GPU or driver
+    return sess
+
+
+__all__ = ["CPU", "DEFAULT_PROVIDER", "OPTIMIZATION", "SPINNING", "SessionSettings",
+           "open_session", "provider_name", "provider_names"]
