@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ORDER = ("encoders", "quantization", "index", "query", "enroll")
+ORDER = ("encoders", "quantization", "sessions", "index", "query", "enroll", "server_load")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -84,6 +84,8 @@ def jobs(args, tmp: Path) -> list[tuple[str, str, list[str]]]:
             print(f"int8 recall check: using the `make demo` model ({demo[0]})", flush=True)
             extra = ["--export", str(demo[0]), "--config", str(demo[1])]
         out.append(("quantization", "quantization", extra))
+    if "sessions" in args.only:  # spinning on / off, quiet and next to a busy process
+        out.append(("sessions", "sessions", []))
     if "index" in args.only:
         out.append(("index", "index", []))
     if "query" in args.only:
@@ -93,12 +95,14 @@ def jobs(args, tmp: Path) -> list[tuple[str, str, list[str]]]:
         # (reusing the export encoders.py kept, when it ran).
         out.append(("enroll", "enroll", []))
         out.append(("enroll-camera", "enroll", ["--images", "100", "--photo-size", "1024",
-                                                "--format", "jpg"]))
+                                                "--format", "jpg", "--target", "0.5"]))
         if seed:
             model = tmp / "seed-export"
             out.append(("enroll-seed", "enroll", ["--images", "150", "--repeats", "2"]
                         + (["--model", str(model), "--label", "random-init seed preset"]
                            if "encoders" in args.only else ["--preset", "seed"])))
+    if "server_load" in args.only:  # 8 clients, 2,000 sketch+text queries; stops by itself
+        out.append(("server_load", "server_load", []))
     return out
 
 

@@ -2,8 +2,10 @@
 
     stbir-infer enroll --images DIR [--model EXPORT] [--index IDX] [--batch-size N]
     stbir-infer query [--sketch FILE] [--text "..."] [--top-k K] [--json]
+    stbir-infer query --batch QUERIES.jsonl                 one JSON line out per line in
     stbir-infer info [--json]
     stbir-infer serve [--host 127.0.0.1] [--port 8000]     web page + JSON API
+    stbir-infer remove|prune|relocate|reindex|export-vectors   the index over its life (cli_index)
 
 ``--model`` defaults to $STBIR_MODEL or ./export, ``--index`` to $STBIR_INDEX or ./index.
 Exit status: 0 success, 2 bad usage or input (also: index built by another export, another writer
@@ -19,8 +21,9 @@ import sys
 import click
 
 from stbir_infer.cli_errors import OneLineErrors
+from stbir_infer.cli_index import register as register_index_commands
 from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
-from stbir_infer.errors import ImageDecodeError, StbirInferError
+from stbir_infer.errors import ImageDecodeError, QueryError, StbirInferError
 
 PROG = "stbir-infer"
 
@@ -47,12 +50,14 @@ def _runtime_options(f):
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Intra-op threads for onnxruntime and hnswlib (default: library's).")(f)
     f = click.option("--int8", is_flag=True, help="Use the export's int8-quantised graphs.")(f)
+    f = click.option("--provider", default="cpu", show_default=True, metavar="NAME",
+                     help="onnxruntime execution provider: cpu, cuda, tensorrt, openvino, coreml, "
+                          "dml, ... (one this onnxruntime lacks: the CPU, with a warning).")(f)
     return f
 
 
 def _min_score(ctx, param, value):
     """--min-score: a number or auto (checked here, so a bad value is a usage error, exit 2)."""
-    from stbir_infer.errors import QueryError
     from stbir_infer.fusion import parse_min_score
 
     try:
@@ -88,20 +93,23 @@ def main():
 @click.option("--follow-external-links", is_flag=True,
               help="Also index files reached by symbolic links that leave the images folder "
                    "(by default they are skipped and listed).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
+              help="Tag every photo of the folder (repeatable); query --where KEY=VALUE filters.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON (with seconds per phase in \"timings\").")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no list of skipped files.")
 def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_search, threads,
-           int8, follow_external_links, as_json, quiet):
+           int8, provider, follow_external_links, tags, as_json, quiet):
     """Add a photo folder to the index, or refresh it (only new or changed files are encoded)."""
     from stbir_infer.paths import display
     from stbir_infer.searcher import Searcher
 
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search, M=M,
-                        ef_construction=ef_construction, precision="int8" if int8 else "fp32")
+                        ef_construction=ef_construction, precision="int8" if int8 else "fp32",
+                        provider=provider)
     show_bar = not quiet and not as_json and sys.stderr.isatty()
     report = searcher.enroll(images_dir, batch_size=batch_size, progress=show_bar,
-                             follow_external_links=follow_external_links)
+                             follow_external_links=follow_external_links, tags=tags)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -116,6 +124,12 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
 @main.command()
 @click.option("--sketch", "sketch", metavar="FILE", default=None, help="Sketch image file.")
 @click.option("--text", "text", metavar="TEXT", default=None, help="Words the sketch can't say.")
+@click.option("--batch", "batch", metavar="FILE", default=None,
+              type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="Many queries in one process: a JSON-lines file (- for stdin), one "
+                   "{\"sketch\": path, \"text\": ..., \"top_k\": ...} a line; prints one JSON line "
+                   "each (an error record for a bad line, then exit status 2). See "
+                   "stbir_infer/batch_query.py.")
 @click.option("--top-k", "-k", "top_k", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
 @_model_option
@@ -132,10 +146,29 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
 @click.option("--min-score", default=None, metavar="S|auto", callback=_min_score,
               help="Drop hits scoring below S; auto: the export's validation threshold "
                    "(FAR 1e-3) for the query's mode. None left: prints 'no match above S'.")
+@click.option("--where", "where", multiple=True, metavar="KEY=VALUE",
+              help="Only photos in folder=F (relative to the enrolled folder, or below it) or "
+                   "with tag KEY=VALUE (enroll --tag); repeat a key for OR, keys for AND.")
 @_runtime_options
-def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect,
-          sketch_weight, min_score, threads, int8):
+def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect,
+          sketch_weight, min_score, where, threads, int8, provider):
     """Find photos by a sketch, a text, or both (fused as the export says)."""
+    if batch is not None:
+        if sketch is not None or text is not None or sheet or expect:
+            raise click.UsageError("--batch takes the queries from its file: no --sketch, "
+                                   "--text, --sheet or --expect with it")
+        from stbir_infer.batch_query import run_batch
+        from stbir_infer.searcher import Searcher
+
+        with click.open_file(batch, "rb") as stream:  # "-": stdin
+            searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
+                                precision="int8" if int8 else "fp32", provider=provider)
+            total, failed = run_batch(searcher, stream, click.echo, top_k=top_k,
+                                      sketch_weight=sketch_weight, min_score=min_score,
+                                      where=list(where) or None)
+        if failed:
+            raise QueryError(f"{failed} of {total} queries failed (see their error records)")
+        return
     if sketch is None and (text is None or not text.strip()):
         raise click.UsageError("give --sketch FILE, --text TEXT or both")
     if sketch is not None and not os.path.isfile(sketch):
@@ -145,10 +178,10 @@ def query(sketch, text, top_k, as_json, model_dir, index_dir, ef_search, sheet, 
     from stbir_infer.paths import display
 
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
-                        precision="int8" if int8 else "fp32")
+                        precision="int8" if int8 else "fp32", provider=provider)
     floor = searcher.min_score_for(min_score, sketch, text)
     hits = searcher.query(sketch=sketch, text=text, top_k=top_k, sketch_weight=sketch_weight,
-                          min_score=floor)
+                          min_score=floor, where=where)
     if sheet:
         from stbir_infer.sheet import contact_sheet
 
@@ -236,14 +269,17 @@ def info(model_dir, index_dir, as_json, verify):
               help="Largest request body accepted, in MiB.")
 @_runtime_options
 @click.option("-q", "--quiet", is_flag=True, help="No request log.")
-def serve(model_dir, index_dir, host, port, max_body_mb, threads, int8, quiet):
+def serve(model_dir, index_dir, host, port, max_body_mb, threads, int8, provider, quiet):
     """A local web page (draw, type, see photos) and JSON API; models and index loaded once."""
     from stbir_infer.web.server import serve as run_server
 
     run_server(model_dir, index_dir, host=host, port=port, threads=threads,
-               precision="int8" if int8 else "fp32", max_body=int(max_body_mb * (1 << 20)),
+               precision="int8" if int8 else "fp32", provider=provider,
+               max_body=int(max_body_mb * (1 << 20)),
                quiet=quiet)
 
+
+register_index_commands(main, _index_option, _model_option)  # remove, prune, relocate, ...
 
 if __name__ == "__main__":
     main()

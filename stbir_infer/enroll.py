@@ -10,10 +10,11 @@ An enroll runs in named, timed phases (``EnrollReport.timings``)::
     scan          walk the folder; sort files into unchanged / known non-image / to examine
     drop_missing  files gone from the folder leave the index (not those under a folder that
                   could not be listed: they are kept, and the folder is reported)
-    hash          read and hash what changed; group by content, so each content is encoded once
+    hash          read and hash what changed (worker threads); group by content, so each
+                  content is encoded once
     decode        read each new content's bytes once, check they still hash to the group's sha256,
-                  decode those same bytes (a thread pool decodes the next batch while this one
-                  encodes; this is the time the encoder waited for it)
+                  decode those same bytes (worker threads decode the next batches while this one
+                  encodes: ``enroll_pipeline``; this is the time the encoder waited for them)
     encode        the image graph, plus adding vectors and file records to the gallery
     commit        writing generations (checkpoints while encoding, then the final one)
 
@@ -23,7 +24,6 @@ links walked) unless ``follow_external_links`` is set; they are reported as skip
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import time
@@ -34,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stbir_infer import preprocess as _pre
+from stbir_infer import enroll_pipeline as _pipe
 from stbir_infer import store
 from stbir_infer.encoders import Encoders
 from stbir_infer.errors import EnrollError, ParameterError
+from stbir_infer.filters import parse_tags
 from stbir_infer.gallery import GalleryIndex, HnswParams
-from stbir_infer.scan import ScanResult, hash_file, read_if_sha, scan_tree
+from stbir_infer.scan import ScanResult, hash_file, scan_tree
 
 PHASES = ("open", "scan", "drop_missing", "hash", "decode", "encode", "commit")
 CHANGED = "changed while enrolling (enroll again)"
@@ -59,6 +60,8 @@ class EnrollReport:
                folders that could not be listed (see ``skipped_files``)
     encoded    images run through the image encoder
     timings    seconds per phase (see the module docstring)
+    stages     seconds per stage of the pipeline: decode, preprocess (on the workers, summed over
+               them), encode, index, wait (``enroll_pipeline``)
     Paths are as the file system gives them (``os.fsdecode``); ``to_dict`` shows them with
     ``paths.display``.
     """
@@ -74,6 +77,7 @@ class EnrollReport:
     seconds: float = 0.0
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    stages: _pipe.Stages = field(default_factory=_pipe.Stages)
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped += 1
@@ -86,6 +90,7 @@ class EnrollReport:
                                            "skipped", "encoded", "total")}
         d["seconds"] = round(self.seconds, 3)
         d["timings"] = {k: round(v, 4) for k, v in self.timings.items()}
+        d["stages"] = self.stages.to_dict()
         d["skipped_files"] = [{"path": display(p), "reason": display(r)}
                               for p, r in self.skipped_files]
         return d
@@ -135,14 +140,16 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
            batch_size: int = 32, progress: bool = False, M: int | None = None,
            ef_construction: int | None = None, ef_search: int | None = None,
            threads: int | None = None, checkpoint_seconds: float = 300.0,
-           follow_external_links: bool = False) -> EnrollReport:
+           follow_external_links: bool = False, tags=None) -> EnrollReport:
     """Add / refresh ``images_dir`` in the index at ``index_dir`` (created if missing).
+    ``tags`` ({key: value} or ["key=value"]): set on every file of the folder (``filters``).
 
     Holds the writer lock throughout (a second writer gets IndexLockedError). Commits a new
     generation at the end, and every ``checkpoint_seconds`` while encoding a large folder, so a
     crash loses at most that much work and never the previous index.
     """
     t0 = time.perf_counter()
+    tags = parse_tags(tags)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise EnrollError(f"batch size must be an integer >= 1, not {batch_size!r}")
     root = Path(images_dir).expanduser()
@@ -158,6 +165,7 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
             store.cleanup(index_dir)  # leftovers of a crashed writer
             idx = open_or_create(encoders, index_dir, M=M, ef_construction=ef_construction,
                                  ef_search=ef_search, threads=threads)
+            idx.add_root(str(root))  # before any checkpoint: entries are stored relative to it
         run = _Enrollment(encoders, idx, index_dir, root, report, batch_size=batch_size,
                           threads=threads, checkpoint_seconds=checkpoint_seconds)
         with _timed(report, "scan"):
@@ -169,7 +177,7 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
             groups = run.hash_and_group(candidates)
         run.decode_and_encode(groups, progress)  # times decode, encode and checkpoint commits
         with _timed(report, "commit"):
-            idx.add_root(str(root))
+            idx.tag_under(str(root), tags)
             if idx.unsaved:
                 idx.save(index_dir)
         report.total = len(idx)
@@ -245,10 +253,9 @@ class _Enrollment:
         return the rest grouped by content (sha256 -> files), in scan order."""
         idx, report = self.idx, self.report
         groups: dict[str, list[_Candidate]] = {}
-        for c in candidates:
-            try:
-                sha, st = hash_file(c.path)
-            except OSError as exc:
+        for c, sha, st in _hashed(candidates, _pipe.default_workers(self.threads)):
+            if isinstance(st, OSError):
+                exc = st
                 report.skip(c.path, f"unreadable ({exc.strerror or type(exc).__name__})")
                 if c.was_indexed:
                     idx.remove_file(c.path)
@@ -270,26 +277,17 @@ class _Enrollment:
 
     # -- decode and encode ------------------------------------------------------------------------------
     def decode_and_encode(self, groups: dict[str, list[_Candidate]], progress: bool) -> None:
-        """Batches of new contents: decode (threads, one batch ahead), encode, add, and commit
-        a checkpoint every ``checkpoint_seconds``."""
-        report = self.report
+        """Batches of new contents through ``enroll_pipeline`` (worker threads decode ahead),
+        encoded and added here, with a checkpoint commit every ``checkpoint_seconds``."""
+        report, stages = self.report, self.report.stages
         spec = self.encoders.spec("image")
         todo = list(groups.items())
         batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         last_commit = time.monotonic()
         bar = _progress(len(todo), progress)
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.threads or os.cpu_count() or 1, 8)))
-
-        def decode(batch):  # PIL releases the GIL while decoding and resizing: use threads
-            return pool.map(lambda item: _read_and_decode(item[0], item[1], spec), batch)
-
         try:
-            upcoming = decode(batches[0]) if batches else None
-            for n, batch in enumerate(batches):
-                with _timed(report, "decode"):
-                    decoded = list(upcoming)
-                # Start decoding the next batch now, so it overlaps this batch's encoding.
-                upcoming = decode(batches[n + 1]) if n + 1 < len(batches) else None
+            for n, (batch, decoded) in enumerate(_pipe.decoded_batches(
+                    batches, spec, stages, workers=_pipe.default_workers(self.threads))):
                 with _timed(report, "encode"):
                     self._encode_batch(batch, decoded)
                 if bar is not None:
@@ -300,12 +298,12 @@ class _Enrollment:
                         self.idx.save(self.index_dir)
                     last_commit = time.monotonic()
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            report.timings["decode"] = stages.wait  # the encoder's wait for decoded images
             if bar is not None:
                 bar.render_finish()
 
     def _encode_batch(self, batch, decoded) -> None:
-        idx, report = self.idx, self.report
+        idx, report, stages = self.idx, self.report, self.report.stages
         arrays, ready = [], []  # ready: (sha, files whose bytes were decoded or match them)
         for (sha, group), (result, changed) in zip(batch, decoded):
             for c in changed:
@@ -315,10 +313,12 @@ class _Enrollment:
                 arrays.append(result)
                 ready.append((sha, group))
             elif result is not None:
-                self._reject(group, _reason(result))
+                self._reject(group, _pipe.reason(result))
         if not arrays:
             return
-        vectors, bad_rows = _encode(self.encoders, np.stack(arrays))
+        t0 = time.perf_counter()
+        vectors, bad_rows = _pipe.encode(self.encoders, np.stack(arrays))
+        t1 = time.perf_counter()
         for row in sorted(bad_rows, reverse=True):
             self._reject(ready.pop(row)[1], "the image encoder gave a non-finite vector")
         vectors = np.delete(vectors, sorted(bad_rows), axis=0) if bad_rows else vectors
@@ -330,6 +330,8 @@ class _Enrollment:
                 idx.set_file(c.path, sha, c.size, c.mtime_ns)
                 report.updated += c.was_indexed
                 report.added += not c.was_indexed
+        stages.encode += t1 - t0
+        stages.index += time.perf_counter() - t1
 
     def _reject(self, group: list[_Candidate], reason: str) -> None:
         """Files whose content is not an image: skipped, remembered, out of the index."""
@@ -341,42 +343,18 @@ class _Enrollment:
             self.idx.mark_skipped(c.path, c.size, c.mtime_ns, reason)
 
 
-def _read_and_decode(sha: str, group: list[_Candidate], spec: dict):
-    """(preprocessed array, or the exception saying why not, or None; files that changed since
-    they were hashed). The first file of the group whose bytes still hash to ``sha`` is decoded
-    from those very bytes, so the vector always matches the content recorded for it. A bad file
-    never stops an enroll (e.g. ImageDecodeError, ValueError for a strip that resizes to nothing)."""
-    changed = []
-    for c in group:
-        data = read_if_sha(c.path, sha)
-        if data is None:
-            changed.append(c)
-            continue
+def _hashed(candidates: list[_Candidate], workers: int, chunk: int = 1024):
+    """(candidate, sha256, stat) in order, hashed by worker threads (hashlib releases the GIL);
+    the stat is the OSError instead when the file could not be read."""
+    def one(c: _Candidate):
         try:
-            return _pre.load(io.BytesIO(data), spec), changed
-        except Exception as exc:  # noqa: BLE001
-            return exc, changed
-    return None, changed
+            return (c, *hash_file(c.path))
+        except OSError as exc:
+            return c, None, exc
 
-
-def _encode(encoders: Encoders, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Image vectors, and the rows the encoder could not embed (non-finite output)."""
-    try:
-        return encoders.encode_pixels("image", pixels), []
-    except Exception as exc:  # NonFiniteEmbeddingError, where the encoders raise it
-        rows, vectors = getattr(exc, "rows", None), getattr(exc, "vectors", None)
-        if not rows or vectors is None:
-            raise
-        return np.asarray(vectors, np.float32), sorted(int(r) for r in rows)
-
-
-def _reason(exc: Exception) -> str:
-    if not isinstance(exc, _pre.ImageDecodeError):
-        return f"cannot preprocess ({type(exc).__name__}: {exc})"
-    msg = str(exc)
-    if "cannot identify image file" in msg:
-        return "not an image"
-    return msg.split(": ", 1)[-1] if ": " in msg else msg
+    with ThreadPoolExecutor(workers, thread_name_prefix="enroll-hash") as pool:
+        for i in range(0, len(candidates), chunk):  # bounded: a chunk of futures at a time
+            yield from pool.map(one, candidates[i:i + chunk])
 
 
 def _progress(n: int, enabled: bool):

@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -23,12 +24,15 @@ from stbir_infer.contract import QUERY_NEEDS_INPUT
 from stbir_infer.encoders import Encoders
 from stbir_infer.enroll import EnrollReport, enroll
 from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoundError,
-                                ModelMismatchError, ParameterError, QueryError)
+                                ModelMismatchError, NonFiniteEmbeddingError, ParameterError,
+                                QueryError)
+from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
 from stbir_infer.paths import display
 
 log = logging.getLogger("stbir_infer")
+QUERY_KEYS = frozenset({"sketch", "text", "top_k", "sketch_weight", "min_score", "where"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,17 @@ class Hit:
         return d
 
 
+class _Checked(NamedTuple):
+    """A query's arguments after ``Searcher._checked``: ``text`` None when blank, ``floor`` the
+    score threshold (None: none)."""
+
+    sketch: object
+    text: str | None
+    top_k: int
+    sketch_weight: float | None
+    floor: float | None
+
+
 def _b64(path: str) -> str:
     return base64.b64encode(os.fsencode(path)).decode("ascii")
 
@@ -79,6 +94,7 @@ class Searcher:
     ``enroll`` stores it in the index as the new default.
     ``M`` / ``ef_construction``: used only when ``enroll`` creates the index.
     ``precision``: "fp32" or "int8" (the export's quantised graphs).
+    ``provider``: onnxruntime execution provider (``cpu``, ``cuda``...; ``stbir_infer.session``).
     An index built with another export is refused (ModelMismatchError) here, not at first query.
 
     A long-lived Searcher (the web server) follows new generations as writers commit them; one
@@ -88,14 +104,15 @@ class Searcher:
 
     def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
                  ef_search: int | None = None, M: int | None = None,
-                 ef_construction: int | None = None, precision: str = "fp32"):
+                 ef_construction: int | None = None, precision: str = "fp32",
+                 provider: str = "cpu"):
         self.threads = _check_positive("threads", threads)
         self.ef_search = _check_positive("ef_search", ef_search)
         self._M = M
         self._ef_construction = ef_construction
         if M is not None or ef_construction is not None:  # validate early
             HnswParams.with_defaults(M, ef_construction)
-        self.encoders = Encoders(model_dir, threads=threads, precision=precision)
+        self.encoders = Encoders(model_dir, threads=threads, precision=precision, provider=provider)
         self.fusion = Fusion(self.encoders)  # weighted mean or combiner.onnx; score thresholds
         self.index_dir = Path(index_dir).expanduser()
         self._index: GalleryIndex | None = None
@@ -121,7 +138,8 @@ class Searcher:
                 if stamp != self._stamp or self._index is None:
                     try:
                         idx = GalleryIndex.load(self.index_dir, threads=self.threads)
-                        idx.check_model(self.encoders.model_record(), self.index_dir)
+                        idx.check_model(self.encoders.model_record(), self.index_dir,
+                                        query=True)  # same embedding space suffices
                     except (IndexFormatError, ModelMismatchError, IndexNotFoundError) as exc:
                         if self._index is None:
                             raise
@@ -144,26 +162,109 @@ class Searcher:
     # -- enroll ---------------------------------------------------------------------------------------
     def enroll(self, images_dir: str | Path, batch_size: int = 32, progress: bool = False, *,
                checkpoint_seconds: float = 300.0,
-               follow_external_links: bool = False) -> EnrollReport:
+               follow_external_links: bool = False, tags=None) -> EnrollReport:
         """Add new / changed images under ``images_dir``, drop removed ones (see EnrollReport).
         ``follow_external_links``: also index files that symbolic links reach outside
-        ``images_dir`` (off: such links are reported as skipped)."""
+        ``images_dir`` (off: such links are reported as skipped). ``tags`` ({key: value}):
+        set on every photo of the folder, for ``query(where=...)``."""
         report = enroll(self.encoders, self.index_dir, images_dir, batch_size=batch_size,
                         progress=progress, M=self._M, ef_construction=self._ef_construction,
                         ef_search=self.ef_search, threads=self.threads,
                         checkpoint_seconds=checkpoint_seconds,
-                        follow_external_links=follow_external_links)
+                        follow_external_links=follow_external_links, tags=tags)
+        self.reload()
+        return report
+
+    def remove(self, paths):
+        """Take files or folders out of the index (``stbir_infer.lifecycle.remove``)."""
+        from stbir_infer.lifecycle import remove
+
+        report = remove(self.index_dir, paths)
+        self.reload()
+        return report
+
+    def prune(self):
+        """Drop entries whose files are gone (``stbir_infer.lifecycle.prune``)."""
+        from stbir_infer.lifecycle import prune
+
+        report = prune(self.index_dir)
         self.reload()
         return report
 
     # -- query ------------------------------------------------------------------------------------
     def query(self, sketch=None, text: str | None = None, top_k: int = 10, *,
-              sketch_weight: float | None = None, min_score=None) -> list[Hit]:
+              sketch_weight: float | None = None, min_score=None, where=None) -> list[Hit]:
         """Top-k images for a sketch (path or PIL image), a text, or both (fused as the export
         says: ``stbir_infer.fusion``). ``sketch_weight`` in [0, 1] replaces the default weight of
         the sketch (1: sketch only, 0: text only). ``min_score`` (a number or "auto": the export's
         validation threshold for the query's mode) drops weaker hits: an empty list means no
-        match. Raises QueryError when neither input is given or a value is out of range."""
+        match. ``where`` ({key: value} or ["key=value"]: ``folder`` or an enroll tag) keeps only
+        matching photos (``stbir_infer.filters``). Raises QueryError when neither input is given
+        or a value is out of range."""
+        q = self._checked(sketch, text, top_k, sketch_weight, min_score)
+        idx = self._require_index()
+        where = parse_where(where)
+        if where:
+            idx.labels_where(where)  # an unknown key fails before any encoding
+        try:
+            s = self.encoders.sketch([sketch])[0] if sketch is not None else None
+        except ImageDecodeError as exc:
+            raise QueryError(f"sketch: {exc}") from None
+        t = self.encoders.text([q.text])[0] if q.text is not None else None
+        return self._answer(idx, q, s, t, where)
+
+    def query_many(self, queries: Sequence[dict], *, errors: str = "raise",
+                   batch_size: int = 32) -> list:
+        """``query`` for many queries at once: each a dict of ``query``'s keyword arguments
+        (``sketch``, ``text``, ``top_k``, ``sketch_weight``, ``min_score``, ``where``).
+        Sketches and texts are encoded in batches of ``batch_size``, so this answers many more
+        queries a second than one ``query`` call each. Returns one list of hits per query, in
+        order, equal to what ``query`` returns for it (scores to float rounding).
+        ``errors="return"``: a query that cannot run gets its QueryError in its place instead of
+        raising it."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
+        batch_size = _check_positive("batch_size", batch_size, QueryError)
+        out: list = [None] * len(queries)
+        checked, wheres = {}, {}
+        for i, q in enumerate(queries):
+            try:
+                if not isinstance(q, dict):
+                    raise QueryError(f"a query is a dict, not {type(q).__name__}")
+                unknown = ", ".join(sorted(map(str, set(q) - QUERY_KEYS)))
+                if unknown:
+                    raise QueryError(f"unknown key(s) {unknown} (a query takes "
+                                     f"{', '.join(sorted(QUERY_KEYS))})")
+                checked[i] = self._checked(q.get("sketch"), q.get("text"), q.get("top_k", 10),
+                                           q.get("sketch_weight"), q.get("min_score"))
+                wheres[i] = parse_where(q.get("where"))
+            except QueryError as exc:
+                out[i] = exc
+        idx = self._require_index() if checked else None
+        for i, where in wheres.items():
+            try:
+                if where:
+                    idx.labels_where(where)  # an unknown key fails before any encoding
+            except QueryError as exc:
+                out[i] = exc
+        sketches = self._encode_many(checked, "sketch", out, batch_size)
+        texts = self._encode_many(checked, "text", out, batch_size)
+        for i, q in checked.items():
+            if out[i] is None:
+                try:
+                    out[i] = self._answer(idx, q, sketches.get(i), texts.get(i), wheres[i])
+                except QueryError as exc:
+                    out[i] = exc
+        if errors == "raise":
+            first = next((r for r in out if isinstance(r, QueryError)), None)
+            if first is not None:
+                raise first
+        return out
+
+    def _checked(self, sketch, text, top_k, sketch_weight, min_score) -> "_Checked":
+        """A query's arguments checked (QueryError otherwise); a blank text is no text."""
+        if top_k is None:
+            raise QueryError("top_k must be an integer >= 1, not None")
         top_k = _check_positive("top_k", top_k, QueryError)
         if text is not None and not isinstance(text, str):
             raise QueryError(f"text must be a string, not {type(text).__name__}")
@@ -171,28 +272,54 @@ class Searcher:
             raise QueryError(QUERY_NEEDS_INPUT)
         check_weight(sketch_weight)
         floor = self.min_score_for(min_score, sketch, text)
-        idx = self._require_index()
-        try:
-            s = self.encoders.sketch([sketch])[0] if sketch is not None else None
-        except ImageDecodeError as exc:
-            raise QueryError(f"sketch: {exc}") from None
-        t = self.encoders.text([text])[0] if text is not None and text.strip() else None
-        hits = self._search(idx, self.fusion.combine(s, t, sketch_weight), top_k)
-        return hits if floor is None else [h for h in hits if h.score >= floor]
+        return _Checked(sketch, text if text is not None and text.strip() else None, top_k,
+                        sketch_weight, floor)
+
+    def _encode_many(self, checked: dict, branch: str, out: list, batch_size: int) -> dict:
+        """{query number: vector} for the queries that have a ``branch`` input, encoded in
+        batches; a query whose input cannot be encoded gets its QueryError in ``out``."""
+        todo = [(i, getattr(q, branch)) for i, q in checked.items()
+                if getattr(q, branch) is not None and out[i] is None]
+        vectors = {}
+        if branch == "sketch":  # decode one by one: a bad file fails only its own query
+            pixels = []
+            for i, sketch in todo:
+                try:
+                    pixels.append((i, self.encoders.preprocess("sketch", [sketch])[0]))
+                except ValueError as exc:  # ImageDecodeError, or a shape that resizes to nothing
+                    out[i] = QueryError(f"sketch: {exc}")
+            todo = pixels
+        for start in range(0, len(todo), batch_size):
+            part = todo[start:start + batch_size]
+            inputs = [x for _, x in part]
+            try:
+                got = (self.encoders.encode_pixels("sketch", np.stack(inputs))
+                       if branch == "sketch" else self.encoders.text(inputs))
+                bad = set()
+            except NonFiniteEmbeddingError as exc:
+                got, bad = exc.vectors, set(exc.rows)
+                for row in bad:
+                    out[part[row][0]] = QueryError(str(exc))
+            vectors.update((i, got[row]) for row, (i, _) in enumerate(part) if row not in bad)
+        return vectors
+
+    def _answer(self, idx: GalleryIndex, q: "_Checked", s, t, where=None) -> list[Hit]:
+        hits = self._search(idx, self.fusion.combine(s, t, q.sketch_weight), q.top_k, where)
+        return hits if q.floor is None else [h for h in hits if h.score >= q.floor]
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None) -> float | None:
         """The score threshold a query with these inputs uses (None: none)."""
         has_text = text is not None and bool(str(text).strip())
         return self.fusion.min_score(min_score, query_mode(sketch, text if has_text else None))
 
-    def search(self, vector: np.ndarray, top_k: int = 10) -> list[Hit]:
+    def search(self, vector: np.ndarray, top_k: int = 10, where=None) -> list[Hit]:
         """Top-k images for a precomputed query vector [D] (e.g. from ``encoders.fuse``)."""
         top_k = _check_positive("top_k", top_k, QueryError)
         vector = np.asarray(vector, np.float32).reshape(-1)
         if vector.shape[0] != self.encoders.embed_dim:
             raise QueryError(f"query vector has {vector.shape[0]} dims, the index "
                              f"{self.encoders.embed_dim}")
-        return self._search(self._require_index(), vector, top_k)
+        return self._search(self._require_index(), vector, top_k, parse_where(where))
 
     def _require_index(self) -> GalleryIndex:
         idx = self.current_index()
@@ -201,12 +328,14 @@ class Searcher:
                                      "(run `stbir-infer enroll --images DIR` first)")
         return idx
 
-    def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int) -> list[Hit]:
+    def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int, where=None) -> list[Hit]:
+        allowed = idx.labels_where(where) if where else None
         with self._lock:  # hnswlib's ef is index-wide state
-            found = idx.search(vector, top_k, ef=self.ef_search or idx.params.ef_search)
+            found = idx.search(vector, top_k, ef=self.ef_search or idx.params.ef_search,
+                               allowed=allowed)
         hits = []
         for rank, (label, score) in enumerate(found, 1):
-            paths = idx.paths.get(label) or ["?"]
+            paths = idx.paths_where(label, where) or ["?"]
             hits.append(Hit(path=paths[0], score=score, rank=rank, duplicates=tuple(paths[1:])))
         return hits
 

@@ -43,6 +43,7 @@ from PIL import Image
 from stbir_infer.errors import (ImageDecodeError, IndexNotFoundError, QueryError,
                                 StbirInferError)
 from stbir_infer.paths import display
+from stbir_infer.web.batcher import QueryBatcher
 from stbir_infer.web.requests import (DEFAULT_MAX_BODY, DEFAULT_MAX_TOP_K, MAX_TEXT_CHARS,
                                       HTTPError, Query, one_line, read_query)
 
@@ -91,7 +92,7 @@ class App:
 
     def __init__(self, searcher, *, max_body: int = DEFAULT_MAX_BODY,
                  max_top_k: int = DEFAULT_MAX_TOP_K, static_dir: str | Path = STATIC_DIR,
-                 max_concurrent: int = 2, allowed_hosts: set[str] | None = None, log=None):
+                 max_batch: int = 32, allowed_hosts: set[str] | None = None, log=None):
         self.searcher = searcher
         self.max_body = int(max_body)
         self.max_top_k = int(max_top_k)
@@ -100,8 +101,9 @@ class App:
         self.static = self._load_static(Path(static_dir))
         self._thumbs: OrderedDict = OrderedDict()  # (sha256, size) -> JPEG bytes
         self._thumbs_lock = threading.Lock()
-        # Encoder runs at once: more only oversubscribe the cores (onnxruntime threads each run).
-        self._query_slots = threading.BoundedSemaphore(max(1, int(max_concurrent)))
+        # Concurrent queries share encoder runs (one at a time: onnxruntime spreads each over the
+        # cores, and two at once only fight for them).
+        self._batcher = QueryBatcher(searcher, max_batch)
 
     @staticmethod
     def _load_static(folder: Path) -> dict[str, tuple[bytes, str]]:
@@ -142,8 +144,10 @@ class App:
         path = parts.path
         if path == "/api/query":
             self._allow(method, "POST")
-            return self.query(read_query(headers, read_body, max_body=self.max_body,
-                                         max_top_k=self.max_top_k))
+            with self._batcher.arriving():  # a run about to start waits for this query
+                q = read_query(headers, read_body, max_body=self.max_body,
+                               max_top_k=self.max_top_k)
+            return self.query(q)
         if path == "/api/health":
             self._allow(method, "GET", "HEAD")
             return self.health()
@@ -205,18 +209,19 @@ class App:
                       "score_threshold": getattr(fusion, "thresholds", None) is not None},
             "limits": {"max_body": self.max_body, "max_top_k": self.max_top_k,
                        "max_text": MAX_TEXT_CHARS, "thumbnail_max": THUMB_MAX},
+            # Encoder runs so far and the queries they answered (``web.batcher``).
+            "batching": {"runs": self._batcher.runs, "queries": self._batcher.answered},
         }, headers={"Cache-Control": "no-store"})
 
     def query(self, q: Query) -> Response:
-        with self._query_slots:
-            t0 = time.perf_counter()
-            opts = {}
-            if q.sketch_weight is not None:
-                opts["sketch_weight"] = q.sketch_weight
-            if q.min_score is not None:  # resolved once: "auto" -> the export's threshold
-                opts["min_score"] = self.searcher.min_score_for(q.min_score, q.sketch, q.text)
-            hits = self.searcher.query(sketch=q.sketch, text=q.text, top_k=q.top_k, **opts)
-            took = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        opts = {}
+        if q.sketch_weight is not None:
+            opts["sketch_weight"] = q.sketch_weight
+        if q.min_score is not None:  # resolved once: "auto" -> the export's threshold
+            opts["min_score"] = self.searcher.min_score_for(q.min_score, q.sketch, q.text)
+        hits = self._batcher({"sketch": q.sketch, "text": q.text, "top_k": q.top_k, **opts})
+        took = (time.perf_counter() - t0) * 1000
         files = self._gallery().files
         results = []
         for h in hits:

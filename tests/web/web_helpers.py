@@ -166,3 +166,6 @@ class FakeSearcher:
         for rank, (label, paths) in enumerate(sorted(self.gallery.paths.items())[:top_k], 1):
             hits.append(FakeHit(paths[0], 1.0 / rank, rank, paths[1:]))
         return hits
+
+    def query_many(self, queries, errors="raise", batch_size=32):  # what the App calls
+        return [self.query(**q) for q in queries]

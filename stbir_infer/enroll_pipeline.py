@@ -1,0 +1,160 @@
+"""Enroll's decode -> preprocess -> encode -> index pipeline, and the seconds each stage took.
+
+``enroll`` groups the new contents by sha256 and batches them; here worker threads read, verify
+and decode the next batches while the caller encodes this one. Threads, not processes: PIL
+decodes and resizes, and hashlib hashes, with the GIL released, and a thread hands its array over
+without a copy (``benchmarks/enroll.py`` measures both). At most ``ahead`` batches are
+decoded ahead of the one being encoded, so memory stays at (``ahead`` + 1) batches of pixels
+whatever the folder's size; each image is bounded by ``preprocess``'s own limits.
+
+Stages (``Stages``, seconds; ``EnrollReport.stages``, ``stbir-infer enroll --json``):
+
+    decode      read the file, check it still hashes to its content's sha256, decode the pixels
+                (a JPEG at reduced scale where ``preprocess`` allows it)
+    preprocess  resize, crop, normalise
+    encode      the image graph
+    index       hnswlib add and the file records
+    wait        the encoder sat idle waiting for decoded images (decoding was the bottleneck)
+
+decode and preprocess run on the workers and are summed over them, so together they may exceed
+the wall time; encode, index and wait are the calling thread's.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from stbir_infer import preprocess as _pre
+from stbir_infer.scan import read_if_sha
+
+STAGES = ("decode", "preprocess", "encode", "index", "wait")
+AHEAD = 2  # batches decoded ahead of the one being encoded
+
+
+@dataclass
+class Stages:
+    """Seconds per stage (see the module docstring)."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    encode: float = 0.0
+    index: float = 0.0
+    wait: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+def default_workers(threads: int | None = None) -> int:
+    """Decode workers: one per core (or per ``threads``), at most 8."""
+    return max(1, min(int(threads or os.cpu_count() or 1), 8))
+
+
+def decoded_batches(batches: Iterable[Sequence], spec: dict, stages: Stages, *, workers: int,
+                    ahead: int = AHEAD) -> Iterator[tuple[Sequence, list]]:
+    """For each batch of (sha256, files) pairs, in order: (the batch, one outcome per pair).
+
+    An outcome is (float32 pixels [C, S, S], or the exception saying why not, or None when no
+    file still holds the content; the files whose bytes changed since they were hashed). Each
+    batch is split into one chunk per worker; while the caller holds one batch, the next
+    ``ahead`` are being decoded (never more), so the workers keep busy while the caller encodes."""
+    workers = max(1, int(workers))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enroll-decode")
+    todo = iter(batches)
+    queued: deque = deque()
+
+    def submit(batch):
+        per_chunk = max(1, -(-len(batch) // workers))
+        chunks = [batch[i:i + per_chunk] for i in range(0, len(batch), per_chunk)]
+        queued.append((batch, [pool.submit(_decode_chunk, chunk, spec) for chunk in chunks]))
+
+    try:
+        for batch in todo:
+            submit(batch)
+            if len(queued) > ahead:
+                break
+        while queued:
+            batch, futures = queued.popleft()
+            t0 = time.perf_counter()
+            outcomes = []
+            for f in futures:
+                results, t_decode, t_pre = f.result()
+                outcomes += results
+                stages.decode += t_decode
+                stages.preprocess += t_pre
+            stages.wait += time.perf_counter() - t0
+            yield batch, outcomes
+            nxt = next(todo, None)  # the caller is done with this batch: one more may start
+            if nxt is not None:
+                submit(nxt)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_chunk(chunk: Sequence, spec: dict) -> tuple[list, float, float]:
+    """The outcomes of one chunk, and the seconds it spent decoding and preprocessing."""
+    out, t_decode, t_pre = [], 0.0, 0.0
+    for sha, group in chunk:
+        t0 = time.perf_counter()
+        img, changed = _read_and_decode(sha, group, int(spec["channels"]), int(spec["size"]))
+        t1 = time.perf_counter()
+        if isinstance(img, Image.Image):
+            try:
+                img = _pre.preprocess(img, spec)
+            except Exception as exc:  # noqa: BLE001  (e.g. a strip that resizes to nothing)
+                img = exc
+        out.append((img, changed))
+        t_decode += t1 - t0
+        t_pre += time.perf_counter() - t1
+    return out, t_decode, t_pre
+
+
+def _read_and_decode(sha: str, group: list, channels: int, size: int):
+    """(decoded image, or the exception saying why not, or None; files that changed since they
+    were hashed). The first file of the group whose bytes still hash to ``sha`` is decoded from
+    those very bytes, so the vector always matches the content recorded for it. A bad file never
+    stops an enroll (e.g. ImageDecodeError)."""
+    changed = []
+    for c in group:
+        data = read_if_sha(c.path, sha)
+        if data is None:
+            changed.append(c)
+            continue
+        try:
+            return _pre.open_image(io.BytesIO(data), channels, target=size), changed
+        except Exception as exc:  # noqa: BLE001
+            return exc, changed
+    return None, changed
+
+
+def encode(encoders, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Image vectors, and the rows the encoder could not embed (non-finite output)."""
+    try:
+        return encoders.encode_pixels("image", pixels), []
+    except Exception as exc:  # NonFiniteEmbeddingError, where the encoders raise it
+        rows, vectors = getattr(exc, "rows", None), getattr(exc, "vectors", None)
+        if not rows or vectors is None:
+            raise
+        return np.asarray(vectors, np.float32), sorted(int(r) for r in rows)
+
+
+def reason(exc: Exception) -> str:
+    """Why a file is not indexed, as the report lists it."""
+    if not isinstance(exc, _pre.ImageDecodeError):
+        return f"cannot preprocess ({type(exc).__name__}: {exc})"
+    msg = str(exc)
+    if "cannot identify image file" in msg:
+        return "not an image"
+    return msg.split(": ", 1)[-1] if ": " in msg else msg
+
+
+__all__ = ["AHEAD", "STAGES", "Stages", "decoded_batches", "default_workers", "encode", "reason"]
