@@ -16,6 +16,7 @@ import yaml
 
 from models.model import PRESETS, STAGE_TARGETS, ModelSpec
 from stbir_infer.contract import BRANCHES
+from stbir_train.distill_spec import DistillSpec
 from stbir_train.errors import ConfigError
 
 
@@ -168,6 +169,7 @@ class Config:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     loss: LossSpec = field(default_factory=LossSpec)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
     source: str = ""  # the file this came from (set by load_config, not read from YAML)
 
     # -- resolved locations ---------------------------------------------------------------------
@@ -343,54 +345,4 @@ CURRICULUM_NOISE_YAML = """\
     enabled: true
     photo:  {start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}
     sketch: {start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}
-"""
-
-
-def dataset_config_yaml(categories: list[str]) -> str:
-    """The config that `stbir-train synth` writes next to the built-in dataset: the small preset
-    with the schedule and losses that measured best on two CPU cores within the demo's time budget
-    (README, "Staged or all at once"). The seed's sketch -> image -> text schedule is commented in."""
-    cats = "\n".join(f"    {c}: {{}}" for c in categories)
-    return f"""\
-# Written by `stbir-train synth`. Relative paths resolve against this file's folder.
-output_dir: runs
-model:
-  preset: small          # stbir-small open_clip towers (ModifiedResNet image tower) + resnet18 sketches
-  fusion_weight: 0.5     # sketch share of a sketch+text query
-data:
-  root: .
-  categories:
-{cats}
-  val_fraction: 0.05
-  negatives_per_modality: 0   # manifest hard negatives per item; 0 = in-batch negatives only
-  virtual_classes: 16
-  manifest_seed: 0
-{CURRICULUM_NOISE_YAML}training:
-  batch_size: 64
-  num_workers: 1
-  grad_clip: 1.0
-  seed: 0
-  stages:                # all branches at once: measured best (README, "Staged or all at once")
-    - {{target: all, epochs: 4, lr: 0.0005, weight_decay: 0.05}}
-  # The seed's order, from towers pretrained with `stbir-train pretrain` (set model.pretrained
-  # to its clip.pt); on this dataset it loses, because captions never describe what sketches show:
-  # - {{target: sketch, epochs: 2, lr: 0.0005, weight_decay: 0.05}}
-  # - {{target: image, epochs: 1, lr: 0.0001, weight_decay: 0.05}}
-  # - {{target: text, epochs: 1, lr: 0.0001, weight_decay: 0.05}}
-loss:
-  temperature: 0.07
-  triplet_margin: 0.2
-  arcface_labels: category
-  fusion_items: 16
-  # Sketch-only and text-only queries are trained too (seed 002): 20% of items query with one
-  # half only, and each half has its own InfoNCE term (sketch R@1 +3 points, README).
-  modality_dropout: 0.2
-  # Triplet and fusion consistency are off here by measurement: at the same 4 epochs they cost
-  # 5 points of test R@1 (0.845 vs 0.897, README). Turn them on for longer or pretrained runs.
-  weights: {{infonce: 1.0, triplet: 0.0, fusion: 0.0, arcface: 0.1, infonce_sketch: 0.5, infonce_text: 0.5}}
-pretrain:                # `stbir-train pretrain --config this.yaml`: image/text towers on train.txt
-  holdout: 0.1
-  epochs: 3
-  lr: 0.0005
-  batch_size: 64
 """

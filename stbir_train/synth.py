@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,43 +226,110 @@ def caption(item: Item, rng: np.random.Generator) -> str:
     return str(rng.choice(TEMPLATES)).format(**words)
 
 
+def _write_item(job: tuple) -> tuple[str, str]:
+    """Render and write one photo and its sketches; returns its caption line and truth record.
+    A job is (out, split, split_id, cat_id, cat, index, sketches, seed): everything the item
+    needs, so workers in any order write the same bytes."""
+    out, split, split_id, cat_id, cat, i, n_sketch, seed = job
+    rng = np.random.default_rng([seed, split_id, cat_id, i])
+    item = sample_item(rng, f"{cat}_{split}_{i:05d}")
+    # The category is fixed per folder; the rest of the item is sampled.
+    item = Item(item.name, cat, str(rng.choice(list(SHAPES[cat]))), item.colour,
+                item.texture, item.angle, item.scale, item.centre)
+    render_photo(item, rng).save(out / cat / f"{split}B" / f"{item.name}.png", compress_level=1)
+    for k in range(n_sketch):
+        render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png", compress_level=1)
+    return f"{item.name}.png\t{caption(item, rng)}", json.dumps({"split": split, **dataclasses.asdict(item)})
+
+
 def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_category: int = 100,
-                  sketches_per_photo: int = 2, seed: int = 0) -> Path:
+                  sketches_per_photo: int = 2, seed: int = 0, workers: int = 0) -> Path:
     """Write the dataset and its ``config.yaml``; returns the config's path.
 
     ``per_category`` and ``test_per_category`` are the number of photos in each category's
     training and test folders; every photo gets ``sketches_per_photo`` sketches in training and
-    one in test.
+    one in test. Items render in ``workers`` processes (0: one per available core); the files are
+    the same for any number, since every item draws from its own generator.
     """
     out = Path(out_dir)
-    truth = []  # what each photo shows, for analysis and tests (not read by training)
-    lines: dict[tuple[str, str], list[str]] = {(c, s): [] for c in SHAPES for s in ("train", "test")}
+    jobs = []
     for split, per_cat, n_sketch, split_id in (("train", per_category, sketches_per_photo, 0),
                                                ("test", test_per_category, 1, 1)):
-        for cat in SHAPES:
+        for cat_id, cat in enumerate(SHAPES):
             (out / cat / f"{split}A").mkdir(parents=True, exist_ok=True)
             (out / cat / f"{split}B").mkdir(parents=True, exist_ok=True)
-        for cat_id, cat in enumerate(SHAPES):
-            for i in range(per_cat):
-                rng = np.random.default_rng([seed, split_id, cat_id, i])
-                item = sample_item(rng, f"{cat}_{split}_{i:05d}")
-                # The category is fixed per folder; the rest of the item is sampled.
-                item = Item(item.name, cat, str(rng.choice(list(SHAPES[cat]))), item.colour,
-                            item.texture, item.angle, item.scale, item.centre)
-                render_photo(item, rng).save(out / cat / f"{split}B" / f"{item.name}.png", compress_level=1)
-                for k in range(n_sketch):
-                    render_sketch(item, rng).save(out / cat / f"{split}A" / f"{item.name}_{k}.png", compress_level=1)
-                lines[cat, split].append(f"{item.name}.png\t{caption(item, rng)}")
-                truth.append(json.dumps({"split": split, **dataclasses.asdict(item)}))
+            jobs += [(out, split, split_id, cat_id, cat, i, n_sketch, seed) for i in range(per_cat)]
+    workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            results = pool.map(_write_item, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+    else:
+        results = [_write_item(job) for job in jobs]
+    lines: dict[tuple[str, str], list[str]] = {(c, s): [] for c in SHAPES for s in ("train", "test")}
+    for job, (line, _) in zip(jobs, results):
+        lines[job[4], job[1]].append(line)
     for (cat, split), rows in lines.items():
         (out / cat / f"{split}.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    (out / "synth_items.jsonl").write_text("\n".join(truth) + "\n", encoding="utf-8")
+    # What each photo shows, for analysis and tests (not read by training).
+    (out / "synth_items.jsonl").write_text("\n".join(t for _, t in results) + "\n", encoding="utf-8")
     config_path = out / "config.yaml"
     config_path.write_text(default_config_text(), encoding="utf-8")
     return config_path
 
 
 def default_config_text() -> str:
-    """The config written next to the dataset: the small preset, paths relative to it."""
-    from stbir_train.config import dataset_config_yaml
-    return dataset_config_yaml(list(SHAPES))
+    """The config written next to the dataset, paths relative to it: the small preset with the
+    schedule and losses that measured best on two CPU cores within the demo's time budget
+    (README, "Staged or all at once"). The seed's sketch -> image -> text schedule is commented in."""
+    from stbir_train.config import CURRICULUM_NOISE_YAML
+
+    cats = "\n".join(f"    {c}: {{}}" for c in SHAPES)
+    return f"""\
+# Written by `stbir-train synth`. Relative paths resolve against this file's folder.
+output_dir: runs
+model:
+  preset: small          # stbir-small open_clip towers (ModifiedResNet image tower) + resnet18 sketches
+  sketch_size: 48        # sketches at 48 px, not the preset's 64: 2/3 of the sketch tower's cost
+  fusion_weight: 0.5     # sketch share of a sketch+text query
+data:
+  root: .
+  categories:
+{cats}
+  val_fraction: 0.05
+  negatives_per_modality: 0   # manifest hard negatives per item; 0 = in-batch negatives only
+  virtual_classes: 16
+  manifest_seed: 0
+{CURRICULUM_NOISE_YAML}training:
+  batch_size: 64
+  num_workers: 1
+  grad_clip: 1.0
+  seed: 0
+  # All branches at once: measured best (README, "Staged or all at once"). 3 epochs at lr 1e-3
+  # keep `make demo` within its time on two cores (README, "What `make demo` printed").
+  stages:
+    - {{target: all, epochs: 3, lr: 0.001, weight_decay: 0.05}}
+  # The seed's order needs real anchors: with ImageNet weights in both visual towers (edge
+  # preset), a text stage against the locked image tower first, then sketch -> image -> text at
+  # these lrs, it comes within 0-6 points of all at once at equal time (README, "Staged or all
+  # at once"); from random init it does not train:
+  # - {{target: text, epochs: 1, lr: 0.001, weight_decay: 0.05}}
+  # - {{target: sketch, epochs: 1, lr: 0.002, weight_decay: 0.05}}
+  # - {{target: image, epochs: 2, lr: 0.002, weight_decay: 0.05}}
+  # - {{target: text, epochs: 1, lr: 0.001, weight_decay: 0.05}}
+loss:
+  temperature: 0.07
+  triplet_margin: 0.2
+  arcface_labels: category
+  fusion_items: 16
+  # Sketch-only and text-only queries are trained too (seed 002): 20% of items query with one
+  # half only, and each half has its own InfoNCE term (sketch R@1 +3 points, README).
+  modality_dropout: 0.2
+  # Triplet and fusion consistency are off here by measurement: at the same 4 epochs they cost
+  # 5 points of test R@1 (0.845 vs 0.897, README). Turn them on for longer or pretrained runs.
+  weights: {{infonce: 1.0, triplet: 0.0, fusion: 0.0, arcface: 0.1, infonce_sketch: 0.5, infonce_text: 0.5}}
+pretrain:                # `stbir-train pretrain --config this.yaml`: image/text towers on train.txt
+  holdout: 0.1
+  epochs: 3
+  lr: 0.0005
+  batch_size: 64
+"""

@@ -31,8 +31,9 @@ def test_a_combiner_stage_needs_model_combiner(tiny_dataset, tmp_path, write_con
 def test_combiner_stage_trains_only_the_combiner_and_evaluate_compares_fusions(
         tiny_dataset, tmp_path, write_config, small_checkpoint):
     stages = [{"target": "combiner", "epochs": 1, "lr": 1e-2, "weight_decay": 0.0}]
-    cfg = load_config(write_config(tiny_dataset, tmp_path, **{
-        "training.stages": stages, "model.combiner": True, "model.init_from": str(small_checkpoint)}))
+    cfg = load_config(write_config(tiny_dataset, tmp_path, **{  # the checkpoint's 64 px sketches
+        "training.stages": stages, "model.combiner": True, "model.init_from": str(small_checkpoint),
+        "model.sketch_size": 64}))
     lines = []
     summary = train(cfg, log=lines.append)
     assert any("fusion picked on validation" in line and "Combiner" in line for line in lines)
