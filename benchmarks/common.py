@@ -382,3 +382,29 @@ def dir_bytes(path: Path) -> int:
 def log(msg: str) -> None:
     """Progress goes to stderr, so stdout holds only the markdown table."""
     print(msg, file=sys.stderr, flush=True)
+
+
+def set_dotted(config: dict, overrides: dict) -> dict:
+    """Apply {"training.batch_size": 32, ...} to a config dict loaded from YAML (in place)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config
+
+
+def checkpoint_recall(cfg_path: Path, checkpoint: str) -> dict:
+    """{mode: {"R@1", "R@10"}} of a checkpoint on its config's test split (torch, all modes)."""
+    from models import load_model
+    from stbir_train.config import load_config
+    from stbir_train.data import ImageCache
+    from stbir_train.evaluate import evaluate_rows
+    from stbir_train.manifest import manifest_paths, read_manifest
+
+    cfg = load_config(cfg_path)
+    model, _ = load_model(checkpoint)
+    res = evaluate_rows(model, read_manifest(manifest_paths(cfg)["test"]),
+                        ImageCache(cfg.resolve(cfg.data.root)))
+    return {m: {k: res["modes"][m]["overall"][k] for k in ("R@1", "R@10")} for m in res["modes"]}

@@ -67,12 +67,7 @@ def write_config(data: Path, out: Path, name: str, preset: str, epochs: int, lr:
     d["model"]["preset"] = preset
     d["training"]["num_workers"] = 0
     d["training"]["stages"] = [{"target": "all", "epochs": epochs, "lr": lr, "weight_decay": 0.05}]
-    for key, value in extra.items():
-        node = d
-        *parents, last = key.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
+    common.set_dotted(d, extra)
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
@@ -98,17 +93,8 @@ def train_one(name: str, cfg_path: Path, fresh: bool) -> dict:
 
 
 def evaluate(cfg_path: Path, ckpt: str) -> dict:
-    from models import load_model
-    from stbir_train.config import load_config
-    from stbir_train.data import ImageCache
-    from stbir_train.evaluate import evaluate_rows
-    from stbir_train.manifest import manifest_paths, read_manifest
-
-    cfg = load_config(cfg_path)
-    rows = read_manifest(manifest_paths(cfg)["test"])
-    model, _ = load_model(ckpt)
-    res = evaluate_rows(model, rows, ImageCache(cfg.resolve(cfg.data.root)))
-    return {m: {k: res["modes"][m]["overall"][k] for k in ("R@1", "R@10")} for m in MODES}
+    res = common.checkpoint_recall(cfg_path, ckpt)
+    return {m: res[m] for m in MODES}
 
 
 def latencies(exports: dict[str, Path], threads: int, repeats: int) -> dict:

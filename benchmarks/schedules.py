@@ -31,13 +31,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import yaml  # noqa: E402
 
 from stbir_train.config import load_config  # noqa: E402
-from stbir_train.evaluate import evaluate_rows  # noqa: E402
-from stbir_train.data import ImageCache  # noqa: E402
-from stbir_train.manifest import build_manifests, manifest_paths, read_manifest  # noqa: E402
+from stbir_train.manifest import build_manifests, manifest_paths  # noqa: E402
 from stbir_train.pretrain import pretrain  # noqa: E402
 from stbir_train.synth import write_dataset  # noqa: E402
 from stbir_train.train import train  # noqa: E402
@@ -59,25 +59,10 @@ def _config(data_dir: Path, out: Path, name: str, stages: list, mode_losses: dic
                                 infonce_text=mode_losses["infonce_text"])
     if four_losses:
         d["loss"]["weights"].update(triplet=0.3, fusion=0.1)
-    for k, v in extra.items():
-        node = d
-        *parents, last = k.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
+    common.set_dotted(d, extra)
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
-
-
-def _evaluate(cfg_path: Path, ckpt: str) -> dict:
-    from models import load_model
-
-    cfg = load_config(cfg_path)
-    rows = read_manifest(manifest_paths(cfg)["test"])
-    model, _ = load_model(ckpt)
-    res = evaluate_rows(model, rows, ImageCache(cfg.resolve(cfg.data.root)))
-    return {m: {k: res["modes"][m]["overall"][k] for k in ("R@1", "R@10")} for m in res["modes"]}
 
 
 def cpu_seconds() -> float:
@@ -200,7 +185,7 @@ def main(argv=None) -> int:
         t0, c0 = time.time(), cpu_seconds()
         summary = train(load_config(cfg_path), log=print)
         seconds, cpu = time.time() - t0, cpu_seconds() - c0
-        metrics = _evaluate(cfg_path, summary["best_path"])
+        metrics = common.checkpoint_recall(cfg_path, summary["best_path"])
         log = [json.loads(x) for x in log_path.read_text().splitlines()]
         rows.append({"schedule": name, "stages": [f"{s['target']} {s['epochs']}" for s in stages],
                      "lrs": [s["lr"] for s in stages], "epoch_seconds": [
