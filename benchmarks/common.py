@@ -273,6 +273,14 @@ def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="use this export dir instead")
 
 
+def index_args(p: argparse.ArgumentParser) -> None:
+    """--index / --gallery: a given index (its export given by --model), or a generated gallery.
+    The script checks after parsing that --index comes with --model."""
+    p.add_argument("--index", type=Path, default=None,
+                   help="use this index dir (with --model) instead of enrolling a generated gallery")
+    p.add_argument("--gallery", type=int, default=500, help="generated photos to enroll")
+
+
 def md_header(title: str, machine: dict) -> list[str]:
     """The first lines of every benchmark's markdown: its title and the machine it ran on."""
     return [title, f"Machine: {machine_line(machine)}", ""]
@@ -393,6 +401,20 @@ def set_dotted(config: dict, overrides: dict) -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return config
+
+
+def run_config(data_dir: Path, out: Path, name: str, overrides: dict) -> Path:
+    """Write out/<name>.yaml: the synthetic data's config.yaml with its data root and
+    ``output_dir`` (out/<name>) pinned, then ``overrides`` (dotted keys, see :func:`set_dotted`)."""
+    import yaml
+
+    d = yaml.safe_load((data_dir / "config.yaml").read_text())
+    d["output_dir"] = str(out / name)
+    d["data"]["root"] = str(data_dir)
+    set_dotted(d, overrides)
+    path = out / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
 
 
 def checkpoint_recall(cfg_path: Path, checkpoint: str) -> dict:

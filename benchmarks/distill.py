@@ -59,18 +59,9 @@ def parse(argv=None):
 
 def write_config(data: Path, out: Path, name: str, preset: str, epochs: int, lr: float,
                  extra: dict) -> Path:
-    import yaml
-
-    d = yaml.safe_load((data / "config.yaml").read_text())
-    d["output_dir"] = str(out / name)
-    d["data"]["root"] = str(data)
-    d["model"]["preset"] = preset
-    d["training"]["num_workers"] = 0
-    d["training"]["stages"] = [{"target": "all", "epochs": epochs, "lr": lr, "weight_decay": 0.05}]
-    common.set_dotted(d, extra)
-    path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    stages = [{"target": "all", "epochs": epochs, "lr": lr, "weight_decay": 0.05}]
+    return common.run_config(data, out, name, {"model.preset": preset, "training.num_workers": 0,
+                                               "training.stages": stages, **extra})
 
 
 def train_one(name: str, cfg_path: Path, fresh: bool) -> dict:

@@ -45,9 +45,7 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.model_args(p)
-    p.add_argument("--index", type=Path, default=None,
-                   help="use this index dir (with --model) instead of enrolling a generated gallery")
-    p.add_argument("--gallery", type=int, default=500, help="generated photos to enroll")
+    common.index_args(p)
     p.add_argument("--precisions", default="fp32,int8", help="fp32 and/or int8 (default %(default)s)")
     p.add_argument("--repeats", type=int, default=100, help="timed rounds per mode")
     p.add_argument("--warmup", type=int, default=5)

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
-import yaml  # noqa: E402
 
 from stbir_train.config import load_config  # noqa: E402
 from stbir_train.manifest import build_manifests, manifest_paths  # noqa: E402
@@ -50,19 +49,14 @@ MODE_LOSSES = {  # how single modes are trained (item 4 of the issue)
 
 def _config(data_dir: Path, out: Path, name: str, stages: list, mode_losses: dict, extra: dict,
             four_losses: bool) -> Path:
-    d = yaml.safe_load((data_dir / "config.yaml").read_text())
-    d["output_dir"] = str(out / name)
-    d["data"]["root"] = str(data_dir)
-    d["training"]["stages"] = stages
-    d["loss"]["modality_dropout"] = mode_losses["modality_dropout"]
-    d["loss"]["weights"].update(infonce_sketch=mode_losses["infonce_sketch"],
-                                infonce_text=mode_losses["infonce_text"])
+    losses = {"modality_dropout": mode_losses["modality_dropout"],
+              "weights.infonce_sketch": mode_losses["infonce_sketch"],
+              "weights.infonce_text": mode_losses["infonce_text"]}
     if four_losses:
-        d["loss"]["weights"].update(triplet=0.3, fusion=0.1)
-    common.set_dotted(d, extra)
-    path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+        losses.update({"weights.triplet": 0.3, "weights.fusion": 0.1})
+    return common.run_config(data_dir, out, name, {"training.stages": stages,
+                                                   **{f"loss.{k}": v for k, v in losses.items()},
+                                                   **extra})
 
 
 def cpu_seconds() -> float:

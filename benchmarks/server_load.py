@@ -48,9 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common.model_args(p)
-    p.add_argument("--index", type=Path, default=None,
-                   help="use this index dir (with --model), not a generated gallery")
-    p.add_argument("--gallery", type=int, default=500, help="generated photos to enroll")
+    common.index_args(p)
     p.add_argument("--distinct", type=int, default=50, help="distinct sketch+text queries")
     p.add_argument("--queries", type=int, default=2000, help="queries sent to the server")
     p.add_argument("--clients", type=int, default=8, help="concurrent client connections")

@@ -270,13 +270,17 @@ class STBIRModel(nn.Module):
             return self.combiner(sketch, text)
         return fuse(sketch, text, float(self.spec.fusion_weight))
 
+    @property
+    def default_fusion(self) -> str:
+        """"combiner" where the model has a Combiner that validation preferred, else "mean"."""
+        return "combiner" if self.combiner is not None and bool(self.combiner.preferred) else "mean"
+
     def query_fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None,
                    method: str | None = None) -> torch.Tensor:
         """The query-time fusion: ``method`` "combiner" or "mean" (the weighted mean with the
         validation-picked ``fusion_weight`` buffer); None = the default, the Combiner only
         where validation preferred it (``combiner.preferred``)."""
-        if method is None:
-            method = "combiner" if self.combiner is not None and bool(self.combiner.preferred) else "mean"
+        method = method or self.default_fusion
         if method == "combiner" and sketch is not None and text is not None:
             if self.combiner is None:
                 raise ModelError("this model has no Combiner")

@@ -63,24 +63,10 @@ def export_raw(model, opset: int):
 @torch.no_grad()
 def verify_graph(model, path: Path, batch: int) -> dict:
     """onnxruntime (batch 1 and ``batch``) and ReferenceEvaluator vs torch, the towers' bounds."""
-    from onnx.reference import ReferenceEvaluator
-
     feeds = {n: unit_vectors(model.embed_dim, batch, 1234 + i) for i, n in enumerate(COMBINER_INPUTS)}
     model.eval()
     want = model.combiner(*(torch.from_numpy(feeds[n]) for n in COMBINER_INPUTS)).numpy()
-    sess = verification.session(path)
-    full = verification.compare(verification.run(sess, feeds), want)
-    one = verification.compare(verification.run(sess, {k: v[:1] for k, v in feeds.items()}), want[:1])
-    ref = verification.compare(ReferenceEvaluator(str(path)).run(None, feeds)[0], want)
-    result = {"min_cosine": min(full[0], one[0]), "max_abs_diff": max(full[1], one[1]),
-              "reference_min_cosine": ref[0], "reference_max_abs_diff": ref[1],
-              "batch_sizes": [1, batch]}
-    for runtime, (cos, diff) in (("onnxruntime", (result["min_cosine"], result["max_abs_diff"])),
-                                 ("onnx ReferenceEvaluator", ref)):
-        if not (cos >= verification.MIN_COSINE and diff <= verification.MAX_ABS_DIFF):
-            raise ExportError(f"verification failed: combiner in {runtime} vs torch: min cosine "
-                              f"{cos:.7f}, max abs diff {diff:.2e}")
-    return result
+    return verification.parity(path, feeds, want, "combiner")
 
 
 def method_for(model, fusion: str) -> str:

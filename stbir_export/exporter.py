@@ -28,8 +28,9 @@ from stbir_export import combiner as combiner_export, graphs, quantize as quanti
 from stbir_export import verify as verification
 from stbir_export.errors import ExportError
 from stbir_export.tokenizer import write_tokenizer
-from stbir_infer.contract import (COMBINER_FORMAT_VERSION, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, GRAPH_FILES, GRAPH_OUTPUT,
-                                  MANIFEST, TOKEN_EMBEDDING, file_sha256, fingerprint)
+from stbir_infer.contract import (COMBINER_FORMAT_VERSION, EXPORT_FORMAT, EXPORT_FORMAT_VERSION,
+                                  GRAPH_FILES, GRAPH_OUTPUT, MANIFEST, TOKEN_EMBEDDING,
+                                  file_sha256, fingerprint)
 
 QUANTIZE = ("int8",)
 
@@ -185,8 +186,9 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
             entry["preprocess"] = specs[enc]
         encoders[enc] = entry
 
+    meta = getattr(model, "export_meta", {})
     extra, combiner_check = combiner_export.build(
-        model, getattr(model, "export_meta", {}), tmp, fusion=fusion, far=threshold_far,
+        model, meta, tmp, fusion=fusion, far=threshold_far,
         opset=opset, verify=verify, batch=batch, log=log)
     if combiner_check is not None:
         checks["combiner"] = combiner_check
@@ -201,7 +203,6 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
         "source_checkpoint": {"sha256": file_sha256(checkpoint), "file": checkpoint.name},
         "fingerprint": fingerprint(files), **extra,
     }
-    meta = getattr(model, "export_meta", {})
     if meta.get("space"):  # a student's is its teacher's (stbir-train distill)
         manifest["space"] = meta["space"]
     if meta.get("teacher"):

@@ -75,11 +75,17 @@ def run(sess, feeds: dict) -> np.ndarray:
 
 def verify_graph(model, encoder: str, path: Path, table: np.ndarray | None, batch: int) -> dict:
     """Compare onnxruntime and ReferenceEvaluator with torch; raise ExportError out of bounds."""
-    from onnx.reference import ReferenceEvaluator
-
     inputs = verification_batch(model, encoder, batch)
     want = torch_embeddings(model, encoder, inputs)
-    feeds = onnx_feeds(encoder, inputs, table)
+    return parity(path, onnx_feeds(encoder, inputs, table), want, f"{encoder} encoder")
+
+
+def parity(path: Path, feeds: dict, want: np.ndarray, what: str) -> dict:
+    """The graph at ``path`` in onnxruntime (the feeds' batch and batch 1) and ReferenceEvaluator
+    against torch's ``want``; raise ExportError naming ``what`` out of bounds."""
+    from onnx.reference import ReferenceEvaluator
+
+    batch = len(want)
     sess = session(path)
     full = compare(run(sess, feeds), want)
     one = compare(run(sess, {k: v[:1] for k, v in feeds.items()}), want[:1])
@@ -91,7 +97,7 @@ def verify_graph(model, encoder: str, path: Path, table: np.ndarray | None, batc
                                  ("onnx ReferenceEvaluator", ref)):
         if not (cos >= MIN_COSINE and diff <= MAX_ABS_DIFF):
             raise ExportError(
-                f"verification failed: {encoder} encoder in {runtime} vs torch: min cosine "
+                f"verification failed: {what} in {runtime} vs torch: min cosine "
                 f"{cos:.7f} (needs >= {MIN_COSINE}), max abs diff {diff:.2e} "
                 f"(needs <= {MAX_ABS_DIFF:g})")
     return result

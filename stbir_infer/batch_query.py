@@ -84,7 +84,7 @@ def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, to
                 failed += 1
                 write(json.dumps({"line": number, "error": str(result)}, ensure_ascii=False))
             else:
-                write(json.dumps({"line": number, "query": _describe(searcher, q),
+                write(json.dumps({"line": number, "query": describe_query(searcher, q),
                                   "results": [h.to_dict() for h in result]}, ensure_ascii=False))
         chunk.clear()
 
@@ -101,8 +101,8 @@ def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, to
     return total, failed
 
 
-def _describe(searcher, q: dict) -> dict:
-    """The query as the single ``query --json`` shows it."""
+def describe_query(searcher, q: dict) -> dict:
+    """A query (``Searcher.query`` keyword arguments) as ``query --json`` shows it."""
     sketch, text = q.get("sketch"), q.get("text")
     has_text = text is not None and bool(text.strip())
     fused = sketch is not None and has_text
@@ -115,4 +115,4 @@ def _describe(searcher, q: dict) -> dict:
             "min_score": searcher.min_score_for(q.get("min_score"), sketch, text)}
 
 
-__all__ = ["CHUNK", "MAX_LINE_BYTES", "read_lines", "run_batch"]
+__all__ = ["CHUNK", "MAX_LINE_BYTES", "describe_query", "read_lines", "run_batch"]

@@ -66,11 +66,6 @@ def _min_score(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a number or auto") from exc
 
 
-def _utf8(text: str | None) -> str | None:
-    """``text`` as it can be written as UTF-8 (an argument with undecodable bytes, escaped)."""
-    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Sketch + text image search on-device: enroll a photo folder, then query it."""
@@ -187,14 +182,12 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
 
         contact_sheet([{"sketch": sketch, "text": text, "hits": hits, "target": expect}], sheet, top_k)
     if as_json:
-        fused = sketch is not None and text is not None and bool(text.strip())
+        from stbir_infer.batch_query import describe_query
+
         # Paths in display form (valid UTF-8; Hit.to_dict adds path_bytes_b64 where it differs)
-        out = {"query": {"sketch": None if sketch is None else display(sketch),
-                         "text": _utf8(text), "top_k": top_k,
-                         "fusion": searcher.fusion.method if fused else None,
-                         "fusion_weight": (searcher.fusion_weight if sketch_weight is None
-                                           else sketch_weight) if fused else None,
-                         "min_score": floor},
+        out = {"query": describe_query(searcher, {"sketch": sketch, "text": text, "top_k": top_k,
+                                                  "sketch_weight": sketch_weight,
+                                                  "min_score": floor}),
                "model": searcher.encoders.fingerprint, "index": display(searcher.index_dir),
                "results": [h.to_dict() for h in hits]}
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))

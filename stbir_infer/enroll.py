@@ -255,8 +255,7 @@ class _Enrollment:
         groups: dict[str, list[_Candidate]] = {}
         for c, sha, st in _hashed(candidates, _pipe.default_workers(self.threads)):
             if isinstance(st, OSError):
-                exc = st
-                report.skip(c.path, f"unreadable ({exc.strerror or type(exc).__name__})")
+                report.skip(c.path, f"unreadable ({st.strerror or type(st).__name__})")
                 if c.was_indexed:
                     idx.remove_file(c.path)
                     report.removed += 1

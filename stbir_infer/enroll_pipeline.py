@@ -27,7 +27,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -36,7 +36,6 @@ from PIL import Image
 from stbir_infer import preprocess as _pre
 from stbir_infer.scan import read_if_sha
 
-STAGES = ("decode", "preprocess", "encode", "index", "wait")
 AHEAD = 2  # batches decoded ahead of the one being encoded
 
 
@@ -52,6 +51,9 @@ class Stages:
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) for k, v in asdict(self).items()}
+
+
+STAGES = tuple(f.name for f in fields(Stages))
 
 
 def default_workers(threads: int | None = None) -> int:

@@ -79,7 +79,7 @@ class NonFiniteEmbeddingError(QueryError):
 
 
 __all__ = [
-    "EnrollError", "ExportDirError", "ImageDecodeError", "IndexEditError", "IndexFormatError", "IndexLockedError",
-    "IndexNotFoundError", "ModelMismatchError", "NonFiniteEmbeddingError", "ParameterError",
-    "ProviderError", "QueryError", "StbirInferError", "TokenizerError",
+    "EnrollError", "ExportDirError", "ImageDecodeError", "IndexEditError", "IndexFormatError",
+    "IndexLockedError", "IndexNotFoundError", "ModelMismatchError", "NonFiniteEmbeddingError",
+    "ParameterError", "ProviderError", "QueryError", "StbirInferError", "TokenizerError",
 ]

@@ -220,11 +220,11 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
                 if not ready:
                     continue
                 try:
-                    vectors, bad = encoders.encode_pixels("image", np.stack([p for _, p in ready])), []
+                    vectors, bad = encoders.encode_pixels("image", np.stack([p for _, p in ready])), set()
                 except NonFiniteEmbeddingError as exc:
-                    vectors, bad = exc.vectors, list(exc.rows)
-                dropped += [ready[r][0] for r in bad]
-                good = [i for i in range(len(ready)) if i not in set(bad)]
+                    vectors, bad = exc.vectors, set(exc.rows)
+                dropped += [ready[r][0] for r in sorted(bad)]
+                good = [i for i in range(len(ready)) if i not in bad]
                 graph.add_items(np.asarray(vectors, np.float32)[good],
                                 np.asarray([ready[i][0] for i in good], np.int64))
                 report.encoded += len(good)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from stbir_infer.preprocess import ImageDecodeError, open_image
 from stbir_train.errors import DataError
+from stbir_train.manifest import read_tab_lines
 
 HEADERS = (("filename", "caption"), ("image", "caption"))
 
@@ -73,20 +74,15 @@ def read_csv_pairs(captions: Path, images: Path) -> Pairs:
 def read_layout_pairs(cfg) -> Pairs:
     """The seed layout's training photos and ``name<TAB>text`` lines of every category."""
     pairs, index = Pairs([], [], [], []), {}
+    root = cfg.resolve(cfg.data.root)
     for name, cat in cfg.data.categories.items():
-        text_file = cfg.resolve(cfg.data.root) / cat.train_text
-        folder = cfg.resolve(cfg.data.root) / cat.train_images
+        text_file, folder = root / cat.train_text, root / cat.train_images
         if not text_file.is_file():
             raise DataError(f"{text_file}: captions file of category {name} not found")
-        for line, raw in enumerate(text_file.read_text(encoding="utf-8").splitlines(), 1):
-            if not raw.strip():
-                continue
-            if "\t" not in raw:
-                raise DataError(f"{text_file}:{line}: expected 'name<TAB>text'")
-            photo, caption = raw.split("\t", 1)
+        for line, photo, caption in read_tab_lines(text_file):
             caption = " ".join(caption.split())
-            _check(text_file, line, folder, photo.strip(), caption)
-            _add(pairs, index, folder / photo.strip(), caption, f"{text_file}:{line}")
+            _check(text_file, line, folder, photo, caption)
+            _add(pairs, index, folder / photo, caption, f"{text_file}:{line}")
     if not pairs.photos:
         raise DataError(f"{cfg.source or 'config'}: no photo-caption pairs (pretrain.captions is "
                         f"empty and data.categories lists none)")

@@ -281,9 +281,9 @@ def _check_values(cfg: Config, where: str) -> None:
         bad("loss.fusion_items", "must be >= 0")
     if not 0.0 <= cfg.loss.modality_dropout <= 1.0:
         bad("loss.modality_dropout", "must be in [0, 1]")
-    for k in ("infonce", "triplet", "fusion", "arcface", "infonce_sketch", "infonce_text"):
-        if getattr(cfg.loss.weights, k) < 0:
-            bad(f"loss.weights.{k}", "must be >= 0")
+    for f in dataclasses.fields(LossWeights):
+        if getattr(cfg.loss.weights, f.name) < 0:
+            bad(f"loss.weights.{f.name}", "must be >= 0")
     pt = cfg.pretrain
     if not 0.0 < pt.holdout < 1.0:
         bad("pretrain.holdout", "must be in (0, 1)")

@@ -38,7 +38,7 @@ from stbir_infer.contract import BRANCHES, atomic_write, file_sha256
 from stbir_train import train as T
 from stbir_train.errors import ConfigError, TrainingError
 from stbir_train.evaluate import encode_rows
-from stbir_train.loop import run_epoch, step_losses
+from stbir_train.loop import step_losses
 
 CACHE_VERSION = 1
 TERMS = tuple(f"distill_{b}" for b in BRANCHES) + ("distill_relational",)
@@ -80,22 +80,9 @@ def distill(cfg, resume: str | Path | None = None, stop_after_epochs: int | None
     run.extra_state = {"distill": {"space": record["space"], "teacher": record}}
     loss_cfg = distill_loss(cfg)
     extra = relational_terms(run.model, cfg.distill.temperature)
-    epochs_run = 0
-    for si in range(run.start_stage, len(cfg.training.stages)):
-        stage = T.start_stage(run, si)
-        stage.step_fn = (lambda batch, lc, target:
-                         step_losses(run.model, batch, lc, target, extra_terms=extra))
-        for epoch in range(run.start_epoch if si == run.start_stage else 0, stage.epochs):
-            t0 = time.time()
-            losses = run_epoch(run.model, stage, T.epoch_loader(run, stage, epoch), epoch,
-                               loss_cfg=loss_cfg, grad_clip=cfg.training.grad_clip,
-                               device=run.procs.device,
-                               amp=cfg.training.amp and run.procs.device.type == "cuda",
-                               show_progress=True, last_good=str(run.ckpt_dir / "last.pt"))
-            T.validate_and_checkpoint(run, stage, epoch, losses, t0)
-            epochs_run += 1
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                return {**run.summary(), "teacher": record, "cache": str(cache_path)}
+    T.run_stages(run, loss_cfg, stop_after_epochs=stop_after_epochs,
+                 step_fn=lambda batch, lc, target: step_losses(run.model, batch, lc, target,
+                                                               extra_terms=extra))
     return {**run.summary(), "teacher": record, "cache": str(cache_path)}
 
 

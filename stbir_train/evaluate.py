@@ -15,7 +15,7 @@ import torch
 
 from stbir_train.data import ImageCache
 from stbir_train import verification
-from stbir_train.fusion import _relevant, fused_scores, select_fusion, weight_grid
+from stbir_train.fusion import relevant_mask, fused_scores, select_fusion, weight_grid
 from stbir_train.metrics import metrics_by_group, retrieval_metrics
 from stbir_infer.contract import atomic_write_text, file_sha256
 from stbir_infer.preprocess import preprocess
@@ -102,7 +102,8 @@ def evaluate_rows(model, rows: list[dict], cache: ImageCache, batch_size: int = 
     categories = [r["category"] for r in rows]
     images = [r["image"] for r in rows]
     for mode, (scores, target) in score_modes(model, enc).items():
-        results["modes"][mode] = metrics_by_group(scores, _relevant(scores.shape, target), [categories[t] for t in target])
+        results["modes"][mode] = metrics_by_group(scores, relevant_mask(scores.shape, target),
+                                                  [categories[t] for t in target])
         if verify and scores.shape[1] > 1:  # one photo alone has no impostor pairs
             names = ([f"text: {r['text']}" for r in rows] if mode == "text"
                      else enc["sketch_paths"])
@@ -159,7 +160,7 @@ def run_evaluation(cfg, checkpoint: str | Path, split: str = "test", compare: st
         model, meta = load_model(ckpt)
         res = evaluate_rows(model, rows, cache, rankings=5, verify=True)
         stages = (meta.get("config") or {}).get("training", {}).get("stages")
-        default = "combiner" if model.combiner is not None and bool(model.combiner.preferred) else "mean"
+        default = model.default_fusion
         res["checkpoint"] = {"path": str(ckpt), "sha256": file_sha256(ckpt),
                              "stages": [s["target"] for s in stages] if stages else None,
                              "fusion_weight": round(float(model.fusion_weight), 6), "fusion": default,

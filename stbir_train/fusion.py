@@ -17,14 +17,15 @@ from stbir_train.metrics import retrieval_metrics
 GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
-def _relevant(shape, target) -> np.ndarray:
+def relevant_mask(shape, target) -> np.ndarray:
+    """[Q, G] bool: True only at query q's own photo ``target[q]``."""
     rel = np.zeros(shape, bool)
     rel[np.arange(len(target)), target] = True
     return rel
 
 
 def _r1_map(scores: np.ndarray, owner: np.ndarray) -> dict:
-    m = retrieval_metrics(scores, _relevant(scores.shape, owner))
+    m = retrieval_metrics(scores, relevant_mask(scores.shape, owner))
     return {"R@1": m["R@1"], "mAP": m["mAP"]}
 
 
@@ -70,4 +71,4 @@ def describe(record: dict) -> str:
     return line
 
 
-__all__ = ["GRID", "describe", "fused_scores", "select_fusion", "weight_grid"]
+__all__ = ["GRID", "describe", "fused_scores", "relevant_mask", "select_fusion", "weight_grid"]

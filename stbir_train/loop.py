@@ -60,14 +60,13 @@ def step_losses(model, batch: dict, loss_cfg, target: str,
         neg_t = _encode(model.encode_text, batch["neg_tokens"].flatten(0, 1), learns["text"])
         neg_q = model.fuse(neg_s, neg_t).view(b, k, -1)
         neg_i = neg_i.view(b, k, -1)
+    neg_flat = None if neg_i is None else neg_i.flatten(0, 1)
     if w.infonce:
-        out["infonce"] = L.info_nce(q, i, loss_cfg.temperature,
-                                    None if neg_i is None else neg_i.flatten(0, 1))
-    extra = None if neg_i is None else neg_i.flatten(0, 1)
+        out["infonce"] = L.info_nce(q, i, loss_cfg.temperature, neg_flat)
     if w.infonce_sketch:  # single modes as trained queries, not only halves of the fused one
-        out["infonce_sketch"] = L.info_nce(s, i, loss_cfg.temperature, extra)
+        out["infonce_sketch"] = L.info_nce(s, i, loss_cfg.temperature, neg_flat)
     if w.infonce_text:
-        out["infonce_text"] = L.info_nce(t, i, loss_cfg.temperature, extra)
+        out["infonce_text"] = L.info_nce(t, i, loss_cfg.temperature, neg_flat)
     if w.triplet:
         if neg_i is None:  # no manifest negatives loaded: the other items of the batch
             neg_i, neg_q = L.in_batch_negatives(i), L.in_batch_negatives(q)

@@ -48,18 +48,21 @@ class Sample:
         return f"{self.category}:{self.name}"
 
 
-def _read_captions(path: Path) -> dict[str, str]:
+def read_tab_lines(path: Path):
+    """``(line number, image name, raw text)`` of each non-blank ``image_name<TAB>text`` line."""
     if not path.is_file():
         raise DataError(f"{path}: text file not found")
-    captions = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         if "\t" not in line:
             raise DataError(f"{path}:{n}: line has no tab (expected image_name<TAB>description)")
         name, text = line.split("\t", 1)
-        captions[Path(name.strip()).stem] = text.strip()
-    return captions
+        yield n, name.strip(), text
+
+
+def _read_captions(path: Path) -> dict[str, str]:
+    return {Path(name).stem: text.strip() for _, name, text in read_tab_lines(path)}
 
 
 def _images_in(folder: Path) -> list[Path]:

@@ -86,19 +86,29 @@ def train(cfg: Config, only_stage: str | None = None, resume: str | Path | None 
     check_stage_option(cfg, only_stage)
     train_rows = prepare_data(run)
     build_or_resume(run, resume, train_rows)
-    stages = cfg.training.stages
+    run_stages(run, cfg.loss, only_stage, stop_after_epochs)
+    return run.summary()
+
+
+def run_stages(run: Run, loss_cfg, only_stage: str | None = None,
+               stop_after_epochs: int | None = None, step_fn=None) -> None:
+    """The stage and epoch loop of train() and distill(); ``step_fn`` (batch, loss_cfg, target)
+    replaces each stage's own loss step where given."""
+    stages = run.cfg.training.stages
     epochs_run = 0
     for si in range(run.start_stage, len(stages)):
         if only_stage is not None and stages[si].target != only_stage:
             continue
         stage = start_stage(run, si)
+        if step_fn is not None:
+            stage.step_fn = step_fn
         first_epoch = run.start_epoch if si == run.start_stage else 0
         for epoch in range(first_epoch, stage.epochs):
             t0 = time.time()
             losses = run_epoch(run.model, stage, epoch_loader(run, stage, epoch), epoch,
-                               loss_cfg=cfg.loss, grad_clip=cfg.training.grad_clip,
+                               loss_cfg=loss_cfg, grad_clip=run.cfg.training.grad_clip,
                                device=run.procs.device,
-                               amp=cfg.training.amp and run.procs.device.type == "cuda",
+                               amp=run.cfg.training.amp and run.procs.device.type == "cuda",
                                show_progress=run.procs.is_main,
                                last_good=str(run.ckpt_dir / "last.pt"))
             if run.procs.is_main:
@@ -106,8 +116,7 @@ def train(cfg: Config, only_stage: str | None = None, resume: str | Path | None 
             distributed.barrier(run.procs)
             epochs_run += 1
             if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
-                return run.summary()
-    return run.summary()
+                return
 
 
 # -- the steps, in the order train() takes them ------------------------------------------------

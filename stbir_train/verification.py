@@ -43,14 +43,20 @@ def curve(genuine, impostor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def eer(genuine, impostor) -> dict:
-    t, far, frr = curve(genuine, impostor)
+    return _eer(*curve(genuine, impostor))
+
+
+def _eer(t: np.ndarray, far: np.ndarray, frr: np.ndarray) -> dict:
     i = int(np.lexsort((t, np.round(far + frr, 12), np.round(np.abs(far - frr), 12)))[0])
     return {"eer": float((far[i] + frr[i]) / 2), "threshold": float(t[i]),
             "far": float(far[i]), "frr": float(frr[i])}
 
 
 def frr_at_far(genuine, impostor, target: float) -> dict:
-    t, far, frr = curve(genuine, impostor)
+    return _frr_at_far(*curve(genuine, impostor), target)
+
+
+def _frr_at_far(t: np.ndarray, far: np.ndarray, frr: np.ndarray, target: float) -> dict:
     i = int(np.flatnonzero(far <= target)[0])
     return {"frr": float(frr[i]), "threshold": float(t[i]), "far": float(far[i])}
 
@@ -77,10 +83,10 @@ def report(scores: np.ndarray, target: np.ndarray, query_names: list[str],
            gallery_names: list[str], fars=FARS, hardest: int = 10) -> dict:
     """Distributions, EER, FRR at each FAR and the hardest errors of one mode's score matrix."""
     genuine, impostor, mask = split(scores, target)
+    c = curve(genuine, impostor)  # sorted once for the EER and every FAR
     out = {"genuine": summary(genuine), "impostor": summary(impostor),
            "histogram_edges": [round(float(e), 4) for e in HIST_EDGES],
-           "eer": eer(genuine, impostor),
-           "frr_at_far": {far_key(f): frr_at_far(genuine, impostor, f) for f in fars}}
+           "eer": _eer(*c), "frr_at_far": {far_key(f): _frr_at_far(*c, f) for f in fars}}
     worst = np.argsort(genuine, kind="stable")[:hardest]
     out["hardest_false_rejects"] = [
         {"query": query_names[q], "gallery": gallery_names[target[q]], "score": round(float(genuine[q]), 6)}

@@ -190,17 +190,14 @@ def parse_options(sketch_weight, min_score) -> dict:
     from stbir_infer.fusion import check_weight, parse_min_score
 
     out = {}
-    try:
-        if sketch_weight is not None and sketch_weight != "":
+    if sketch_weight is not None and sketch_weight != "":
+        try:
             if isinstance(sketch_weight, str):
-                try:
-                    sketch_weight = float(sketch_weight.strip())
-                except ValueError:
-                    raise QueryError("") from None
+                sketch_weight = float(sketch_weight.strip())
             out["sketch_weight"] = check_weight(sketch_weight)
-    except QueryError:
-        raise HTTPError(400, f"sketch_weight must be a number from 0 to 1, not "
-                             f"{short_repr(sketch_weight)}") from None
+        except (ValueError, QueryError):
+            raise HTTPError(400, f"sketch_weight must be a number from 0 to 1, not "
+                                 f"{short_repr(sketch_weight)}") from None
     if min_score is not None and min_score != "":
         try:
             out["min_score"] = parse_min_score(min_score)
