@@ -122,7 +122,7 @@ def exists(index_dir: str | Path) -> bool:
 def current_stamp(index_dir: str | Path):
     """Something that changes whenever a writer commits (to notice another process's enroll)."""
     try:
-        st = os.lstat(Path(index_dir) / CURRENT)
+        st = os.lstat(os.path.join(index_dir, CURRENT))  # per query: no pathlib objects
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -42,8 +42,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def basic_clean(text: str) -> str:
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
+    # ftfy and HTML unescaping leave printable ASCII without '&' as it is; skipping them is
+    # most of a short query's tokenizing time (issue 18).
+    if not (text.isascii() and text.isprintable() and "&" not in text):
+        text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
     return text.strip()
 
 
