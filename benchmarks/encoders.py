@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 ENCODERS = ("sketch", "image", "text")
 BACKENDS = ("torch", "ort-fp32", "ort-int8")
-PRESETS = ("small", "seed", "edge", "tiny")
+PRESETS = ("small", "seed", "edge", "medium", "tiny")
 
 
 def parse(argv=None) -> argparse.Namespace:

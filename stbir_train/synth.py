@@ -289,7 +289,7 @@ def default_config_text() -> str:
 output_dir: runs
 model:
   preset: small          # stbir-small open_clip towers (ModifiedResNet image tower) + resnet18 sketches
-  sketch_size: 48        # sketches at 48 px, not the preset's 64: 2/3 of the sketch tower's cost
+  sketch_size: 48        # sketches at 48 px for any preset (small's own: 64, 2/3 less work); null: the preset's
   fusion_weight: 0.5     # sketch share of a sketch+text query
 data:
   root: .

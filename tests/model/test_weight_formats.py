@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import ModelError, ModelSpec, build_model
+from models import PRESETS, ModelError, ModelSpec, build_model
 from models.weights import detect_format
 
 MOBILENET = Path(__file__).resolve().parents[2].parent / "shared/data/weights/mobilenet_v2_imagenet.pt"
@@ -73,15 +73,17 @@ def _torchvision_mobilenet_file(tmp_path) -> tuple[Path, torch.nn.Module]:
     return tmp_path / "mnv2.pt", net
 
 
-def test_edge_image_tower_takes_torchvision_mobilenet_v2_weights(tmp_path):
+@pytest.mark.parametrize("preset", ["edge", "medium", "tiny"])
+def test_mobilenet_presets_take_torchvision_mobilenet_v2_weights(tmp_path, preset):
     path, net = _torchvision_mobilenet_file(tmp_path)
-    model = build_model(ModelSpec(clip_model="stbir-edge", sketch_backbone="mobilenet_v2",
-                                  sketch_size=96, pretrained=str(path), sketch_pretrained=str(path)))
+    model = build_model(ModelSpec(**PRESETS[preset], pretrained=str(path), sketch_pretrained=str(path)))
     model.eval()
-    x = torch.randn(2, 3, 96, 96)
+    size = PRESETS[preset]["sketch_size"]
+    assert model.input_specs()["image"]["size"] == size  # both towers at the preset's size
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(model.clip.visual.trunk(x), net.features(x).mean((2, 3)), atol=1e-5)
-        gray = torch.randn(2, 1, 96, 96)  # the one-channel stem is exact for gray input
+        gray = torch.randn(2, 1, size, size)  # the one-channel stem is exact for gray input
         assert torch.allclose(model.sketch.backbone(gray), net.features(gray.expand(-1, 3, -1, -1)).mean((2, 3)),
                               atol=1e-4)
     assert model.input_specs()["image"]["mean"] == [0.5, 0.5, 0.5]
