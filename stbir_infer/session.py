@@ -4,12 +4,13 @@
 (``--provider cpu|cuda|...`` on enroll, query and serve), whether idle worker threads spin, and
 the graph optimisation level. ``open_session`` turns checked model bytes into a session.
 
-Spinning: onnxruntime's intra-op workers busy-wait after each call by default, to catch the next
-one sooner. Off here (``SPINNING``), by measurement (``benchmarks/sessions.py``, README
-"Benchmarks"): on a 2-core machine a sketch+text query, two sessions one after the other, took
-2 to 12 times as long with spinning on (each session's idle workers spin while the other one runs;
-three runs, alone and next to one busy process, load 5-9); spinning saved under 0.1 ms on the
-tiny text graph alone.
+Spinning: onnxruntime's intra-op workers busy-wait between the parallel parts of a run and,
+by default, after it. Off here (``SPINNING``), by measurement (``benchmarks/sessions.py``,
+README "Benchmarks"): spinning after a run made a sketch+text query, two sessions one after the
+other, 2 to 12 times slower on 2 cores (each session's idle workers spun while the other one
+ran). With ``session.force_spinning_stop`` (set below: workers stop when a run returns) spinning
+is 1.1-1.4x faster per graph on a quiet machine, but a sketch+text query next to one busy
+process still took 2.1x as long as without spinning; a device rarely has its cores to itself.
 
 Providers: a short name (``cpu``, ``cuda``, ``tensorrt``, ``openvino``, ``coreml``, ``dml`` ...:
 onnxruntime's provider name without ``ExecutionProvider``, any case) or the full name. One that
@@ -99,6 +100,9 @@ class SessionSettings:
         spin = "1" if self.spinning else "0"
         opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        # Spin only inside a run: idle workers stop when it returns, so the next session's run
+        # (a sketch+text query's text graph after its sketch graph) has the cores to itself.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         level = ort.GraphOptimizationLevel
         opts.graph_optimization_level = {
             "disable": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,

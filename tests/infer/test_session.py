@@ -30,6 +30,7 @@ def test_options_carry_threads_spinning_and_optimisation():
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts = SessionSettings(spinning=True).options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"  # not after a run
     assert opts.intra_op_num_threads == 0  # onnxruntime's default: one per core
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
