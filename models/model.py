@@ -67,7 +67,7 @@ PRESETS: dict[str, dict] = {
     # torchvision's for sketches): both can start from ImageNet weights (torchvision format).
     "edge": dict(clip_model="stbir-edge", sketch_backbone="mobilenet_v2", sketch_size=96),
     # A distillation teacher (issue 17): the edge towers at 160 px and a 4-layer 256-wide text
-    # tower; about 3x edge's training time, still minutes on two cores from ImageNet weights.
+    # tower; 3 epochs from ImageNet weights take about 8 minutes on two cores (README).
     "medium": dict(clip_model="stbir-medium", sketch_backbone="mobilenet_v2", sketch_size=160),
     # A distillation student (stbir-train distill): the edge preset's MobileNetV2 towers at
     # 48 px (a quarter of the pixels; they take the same ImageNet weights) and one text layer.
