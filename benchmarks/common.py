@@ -275,10 +275,15 @@ def model_args(p: argparse.ArgumentParser) -> None:
 
 def index_args(p: argparse.ArgumentParser) -> None:
     """--index / --gallery: a given index (its export given by --model), or a generated gallery.
-    The script checks after parsing that --index comes with --model."""
+    After parsing, :func:`check_index_args` refuses --index without --model."""
     p.add_argument("--index", type=Path, default=None,
                    help="use this index dir (with --model) instead of enrolling a generated gallery")
     p.add_argument("--gallery", type=int, default=500, help="generated photos to enroll")
+
+
+def check_index_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.index is not None and args.model is None:
+        p.error("--index needs --model (the export the index was built with)")
 
 
 def md_header(title: str, machine: dict) -> list[str]:
@@ -319,6 +324,42 @@ def command_line() -> str:
 
 
 # -- shared fixtures ----------------------------------------------------------------------------------
+
+def model_and_index(args, work: Path, *, quantize: bool,
+                    say: Callable[[str], object] | None = None) -> tuple[Path, Path]:
+    """(export dir, index dir) to measure: --model / --index as given, else a random-init
+    --preset export and --gallery generated photos enrolled with it, under ``work``."""
+    from stbir_infer.searcher import Searcher
+
+    say = say or log
+    model = args.model
+    if model is None:
+        say(f"exporting a random-init {args.preset} model ...")
+        model, _ = random_export(args.preset, work, quantize=quantize)
+    index = args.index
+    if index is None:
+        say(f"generating and enrolling {args.gallery} photos ...")
+        synth_images(work / "gallery", args.gallery, seed=1)
+        index = work / "index"
+        Searcher(model, index, threads=args.threads).enroll(work / "gallery")
+    return model, index
+
+
+def synth_data(out: Path, per_category: int) -> tuple[Path, object]:
+    """The built-in dataset at ``per_category`` photos (100 test photos per category) and its
+    manifests under ``out``, made once and reused; returns (data dir, its loaded config)."""
+    from stbir_train.config import load_config
+    from stbir_train.manifest import build_manifests, manifest_paths
+    from stbir_train.synth import write_dataset
+
+    data = out / f"data-{per_category}"
+    if not (data / "config.yaml").is_file():
+        write_dataset(data, per_category, 100, 1, 0)
+    cfg = load_config(data / "config.yaml")
+    if not all(p.is_file() for p in manifest_paths(cfg).values()):
+        build_manifests(cfg)
+    return data, cfg
+
 
 def random_export(preset: str, workdir: Path, quantize: bool = True, seed: int = 0,
                   log: Callable[[str], object] = lambda *a, **k: None,

@@ -153,17 +153,10 @@ def main(argv=None) -> dict:
 
     from stbir_export import export_checkpoint
     from stbir_infer import Searcher
-    from stbir_train.config import load_config
-    from stbir_train.manifest import build_manifests, manifest_paths, read_manifest
-    from stbir_train.synth import write_dataset
+    from stbir_train.manifest import manifest_paths, read_manifest
 
     out = args.workdir.resolve()
-    data = out / f"data-{args.per_category}"
-    if not (data / "config.yaml").is_file():
-        write_dataset(data, args.per_category, 100, 1, 0)
-    base = load_config(data / "config.yaml")
-    if not all(p.is_file() for p in manifest_paths(base).values()):
-        build_manifests(base)
+    data, base = common.synth_data(out, args.per_category)
     teacher_extra = ({"model.pretrained": str(args.imagenet.resolve()),
                       "model.sketch_pretrained": str(args.imagenet.resolve())} if args.imagenet else {})
     cfgs = {"teacher": write_config(data, out, "teacher", args.teacher, args.epochs, 5e-4,

@@ -58,8 +58,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
     if any(s not in ("fp32", "int8") for s in args.precisions):
         p.error("--precisions takes fp32 and/or int8")
-    if args.index is not None and args.model is None:
-        p.error("--index needs --model (the export the index was built with)")
+    common.check_index_args(p, args)
     if args.quick:
         args.gallery, args.repeats, args.warmup, args.cold_runs = 64, 15, 2, 2
         args.batch_queries = 40
@@ -179,19 +178,9 @@ def bench_mode(searcher, gidx, queries, mode: str, args) -> dict:
 
 def setup(args, work: Path, log) -> tuple[Path, Path, list[dict]]:
     """(export dir, index dir, queries) -- generated where not given."""
-    from stbir_infer.searcher import Searcher
-
     queries = common.synth_images(work / "queries", 20, seed=99, sketches=True)
-    model = args.model
-    if model is None:
-        log(f"exporting a random-init {args.preset} model ...")
-        model, _ = common.random_export(args.preset, work, quantize="int8" in args.precisions)
-    index = args.index
-    if index is None:
-        log(f"generating and enrolling {args.gallery} photos ...")
-        common.synth_images(work / "gallery", args.gallery, seed=1)
-        index = work / "index"
-        Searcher(model, index, threads=args.threads).enroll(work / "gallery")
+    model, index = common.model_and_index(args, work, quantize="int8" in args.precisions,
+                                         say=log)
     return model, index, queries
 
 

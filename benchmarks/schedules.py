@@ -36,9 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from stbir_train.config import load_config  # noqa: E402
-from stbir_train.manifest import build_manifests, manifest_paths  # noqa: E402
 from stbir_train.pretrain import pretrain  # noqa: E402
-from stbir_train.synth import write_dataset  # noqa: E402
 from stbir_train.train import train  # noqa: E402
 
 MODE_LOSSES = {  # how single modes are trained (item 4 of the issue)
@@ -113,12 +111,7 @@ def main(argv=None) -> int:
     if args.anchor == "lit" and not args.imagenet:
         ap.error("--anchor lit locks the ImageNet image tower: give --imagenet W")
     out = Path(args.out).resolve()
-    data = out / f"data-{args.per_category}"
-    if not (data / "config.yaml").is_file():
-        write_dataset(data, args.per_category, 100, 1, 0)
-    base_cfg = load_config(data / "config.yaml")
-    if not all(p.is_file() for p in manifest_paths(base_cfg).values()):
-        build_manifests(base_cfg)
+    data, base_cfg = common.synth_data(out, args.per_category)
     modes = MODE_LOSSES[args.modes]
     only = args.only.split(",")
     rows, pre_seconds, pre_cpu, pre_res = [], 0.0, 0.0, None

@@ -58,8 +58,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="temp files go here (deleted after)")
     common.add_common_args(p, "server_load")
     args = p.parse_args(argv)
-    if args.index is not None and args.model is None:
-        p.error("--index needs --model (the export the index was built with)")
+    common.check_index_args(p, args)
     if args.quick:
         args.gallery, args.distinct, args.queries = 64, 10, 200
     return args
@@ -67,21 +66,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def setup(args, work: Path) -> tuple[Path, Path, list[dict]]:
     """(export dir, index dir, distinct queries {sketch path, text})."""
-    from stbir_infer.searcher import Searcher
-
     rows = common.synth_images(work / "queries", args.distinct, seed=99, sketches=True)
     queries = [{"sketch": str(r["sketch"]), "text": r["text"]} for r in rows]
-    model = args.model
-    if model is None:
-        common.log(f"exporting a random-init {args.preset} model ...")
-        model, _ = common.random_export(args.preset, work, quantize=False)
-    index = args.index
-    if index is None:
-        common.log(f"generating and enrolling {args.gallery} photos ...")
-        common.synth_images(work / "gallery", args.gallery, seed=1)
-        index = work / "index"
-        Searcher(model, index, threads=args.threads).enroll(work / "gallery")
-    return model, index, queries
+    return (*common.model_and_index(args, work, quantize=False), queries)
 
 
 def in_process(model: Path, index: Path, queries: list[dict], args) -> dict:
