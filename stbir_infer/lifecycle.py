@@ -15,28 +15,29 @@ new one.
 
 from __future__ import annotations
 
-import io
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
 from stbir_infer import store
-from stbir_infer.errors import IndexEditError, IndexNotFoundError, NonFiniteEmbeddingError
+from stbir_infer.errors import IndexEditError, IndexNotFoundError
 from stbir_infer.gallery import GalleryIndex
 from stbir_infer.paths import display
 from stbir_infer.roots import is_within
 from stbir_infer.roots import moved as moved_to
-from stbir_infer.scan import read_if_sha
 
 # The reason kept for a removed file that still exists, so that enrolling its folder again does
 # not bring it back while it is unchanged (enroll skips it, like a known non-image).
 REMOVED = "removed from the index (stbir-infer remove); enroll adds it again once it changes"
+
+
+class _File(NamedTuple):  # what enroll_pipeline reads of a file
+    path: str
 
 
 @dataclass
@@ -187,22 +188,11 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
     generation stays live until the new one is complete. Contents whose files are all gone or
     changed leave the index (``dropped``; enroll adds changed files back). An export of another
     embedding size is a ModelMismatchError and nothing is written."""
-    from stbir_infer import preprocess
+    from stbir_infer import enroll_pipeline as pipe
     from stbir_infer.encoders import Encoders
 
     report = EditReport("reindex")
     encoders = Encoders(model_dir, threads=threads, precision=precision)
-    spec = encoders.spec("image")
-
-    def decode(label: int, idx: GalleryIndex):
-        for path in idx.paths.get(label, []):
-            data = read_if_sha(path, idx.items[label])
-            if data is not None:
-                try:
-                    return preprocess.load(io.BytesIO(data), spec)
-                except Exception:  # noqa: BLE001 - a file that no longer decodes is dropped
-                    return None
-        return None
 
     with _editing(index_dir, report, threads=threads) as idx:
         idx.check_dim(encoders.embed_dim, index_dir)
@@ -211,23 +201,25 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
         if threads:
             graph.set_num_threads(int(threads))
         dropped: list[int] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(threads or os.cpu_count() or 1, 8))) as pool:
-            for s in range(0, len(labels), batch_size):
-                batch = labels[s:s + batch_size]
-                pixels = list(pool.map(lambda label: decode(label, idx), batch))
-                ready = [(label, px) for label, px in zip(batch, pixels) if px is not None]
-                dropped += [label for label, px in zip(batch, pixels) if px is None]
-                if not ready:
-                    continue
-                try:
-                    vectors, bad = encoders.encode_pixels("image", np.stack([p for _, p in ready])), set()
-                except NonFiniteEmbeddingError as exc:
-                    vectors, bad = exc.vectors, set(exc.rows)
-                dropped += [ready[r][0] for r in sorted(bad)]
-                good = [i for i in range(len(ready)) if i not in bad]
-                graph.add_items(np.asarray(vectors, np.float32)[good],
-                                np.asarray([ready[i][0] for i in good], np.int64))
-                report.encoded += len(good)
+        # enroll's decode pipeline: (content, its files) pairs, decoded ahead on worker threads
+        batches = ([(idx.items[label], [_File(p) for p in idx.paths.get(label, [])])
+                    for label in labels[s:s + batch_size]]
+                   for s in range(0, len(labels), batch_size))
+        for batch, outcomes in pipe.decoded_batches(batches, encoders.spec("image"), pipe.Stages(),
+                                                    workers=pipe.default_workers(threads)):
+            ready = []
+            for (sha, _), (pixels, _) in zip(batch, outcomes):
+                if isinstance(pixels, np.ndarray):
+                    ready.append((idx.by_hash[sha], pixels))
+                else:  # every file of it gone, changed or undecodable
+                    dropped.append(idx.by_hash[sha])
+            if not ready:
+                continue
+            vectors, bad = pipe.encode(encoders, np.stack([px for _, px in ready]))
+            dropped += [ready[r][0] for r in bad]
+            good = [i for i in range(len(ready)) if i not in set(bad)]
+            graph.add_items(vectors[good], np.asarray([ready[i][0] for i in good], np.int64))
+            report.encoded += len(good)
         for label in dropped:  # out of the old graph's records before the new graph replaces it
             for path in list(idx.paths.get(label, [])):
                 idx.remove_file(path)
