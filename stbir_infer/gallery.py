@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -170,9 +171,7 @@ class GalleryIndex:
                 f"{index_dir}: index was built with export {mine[:12]} "
                 f"({self.model.get('clip_model')}, {self.model.get('model_dir')}), not with "
                 f"{theirs[:12]} ({model.get('model_dir')}); use that export, or another --index")
-        if int(model.get("embed_dim", self.dim)) != self.dim:
-            raise ModelMismatchError(f"{index_dir}: index dim {self.dim} != export embed_dim "
-                                     f"{model.get('embed_dim')}")
+        self.check_dim(model.get("embed_dim", self.dim), index_dir)
 
     # -- edits (each counts in ``unsaved``) ---------------------------------------------------------
     def set_ef_search(self, ef_search: int) -> None:
@@ -250,11 +249,11 @@ class GalleryIndex:
                 rec["tags"] = {**(rec.get("tags") or {}), **tags}
                 self.unsaved += 1
 
-    def relocate(self, old: str, new: str) -> list[str]:
+    def relocate(self, old: str, new: str) -> list[tuple[str, str]]:
         """Every root at or under ``old`` moves to ``new`` (with the files and skipped records
-        under it); returns the roots moved (none: ``old`` holds no root). Refuses a move that
-        would give two files the same path."""
-        moved_roots = [r for r in self.roots if roots.is_within(r, old)]
+        under it); returns (old root, new root) of each (none: ``old`` holds no root). Refuses a
+        move that would give two files the same path."""
+        moved_roots = [(r, roots.moved(r, old, new)) for r in self.roots if roots.is_within(r, old)]
         if not moved_roots:
             return []
         files = {roots.moved(p, old, new): rec for p, rec in self.files.items()}
@@ -299,13 +298,18 @@ class GalleryIndex:
         hnsw.set_ef(self.params.ef_search)
         return hnsw
 
+    def live_vectors(self, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(labels, vectors) of the live items in label order, ``chunk`` at a time."""
+        labels = np.fromiter(sorted(self.items), np.int64, len(self.items))
+        for s in range(0, len(labels), chunk):
+            yield labels[s:s + chunk], np.asarray(self.hnsw.get_items(labels[s:s + chunk]))
+
     def compact(self) -> None:
         """Rebuild the graph from the live vectors only (same labels and parameters)."""
-        labels = np.fromiter(sorted(self.items), np.int64, len(self.items))
-        hnsw = self.empty_graph(len(labels))
+        hnsw = self.empty_graph(len(self.items))
         hnsw.set_num_threads(self.hnsw.num_threads)
-        for s in range(0, len(labels), 65536):  # bounded extra memory while copying
-            hnsw.add_items(self.hnsw.get_items(labels[s:s + 65536]), labels[s:s + 65536])
+        for labels, vectors in self.live_vectors():
+            hnsw.add_items(vectors, labels)
         self.hnsw = hnsw
         self.unsaved += 1
 

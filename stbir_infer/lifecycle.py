@@ -29,7 +29,6 @@ from stbir_infer.errors import IndexEditError, IndexNotFoundError
 from stbir_infer.gallery import GalleryIndex
 from stbir_infer.paths import display
 from stbir_infer.roots import is_within
-from stbir_infer.roots import moved as moved_to
 
 # The reason kept for a removed file that still exists, so that enrolling its folder again does
 # not bring it back while it is unchanged (enroll skips it, like a known non-image).
@@ -171,9 +170,8 @@ def relocate(index_dir: str | Path, old: str | os.PathLike, new: str | os.PathLi
         report.notes.append(f"{new_abs} does not exist (yet): enroll and prune need it there")
     with _editing(index_dir, report) as idx:
         for candidate in _candidates(old):
-            moved = idx.relocate(candidate, new_abs)
-            if moved:
-                report.moved_roots = [(r, moved_to(r, candidate, new_abs)) for r in moved]
+            report.moved_roots = idx.relocate(candidate, new_abs)
+            if report.moved_roots:
                 break
         else:
             raise IndexEditError(f"{display(os.fsdecode(old))}: no enrolled root is there (roots: "

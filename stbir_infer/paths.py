@@ -8,6 +8,7 @@ and HTTP: undecodable bytes become ``\\xNN`` and control characters ``\\uNNNN``-
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -31,4 +32,9 @@ def display(path: str | os.PathLike) -> str:
                         else f"\\u{ord(m.group()):04x}", out)
 
 
-__all__ = ["display"]
+def path_bytes_b64(path: str) -> str:
+    """The exact bytes of a file name, base64-encoded (beside ``display`` where the two differ)."""
+    return base64.b64encode(os.fsencode(path)).decode("ascii")
+
+
+__all__ = ["display", "path_bytes_b64"]

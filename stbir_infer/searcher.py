@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import base64
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoun
 from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
-from stbir_infer.paths import display
+from stbir_infer.paths import display, path_bytes_b64
 
 log = logging.getLogger("stbir_infer")
 QUERY_KEYS = frozenset({"sketch", "text", "top_k", "sketch_weight", "min_score", "where"})
@@ -57,9 +55,9 @@ class Hit:
         d = {"rank": self.rank, "score": self.score, "path": display(self.path),
              "duplicates": [display(p) for p in self.duplicates]}
         if d["path"] != self.path:
-            d["path_bytes_b64"] = _b64(self.path)
+            d["path_bytes_b64"] = path_bytes_b64(self.path)
         if d["duplicates"] != list(self.duplicates):
-            d["duplicates_bytes_b64"] = [_b64(p) for p in self.duplicates]
+            d["duplicates_bytes_b64"] = [path_bytes_b64(p) for p in self.duplicates]
         return d
 
 
@@ -72,10 +70,6 @@ class _Checked(NamedTuple):
     top_k: int
     sketch_weight: float | None
     floor: float | None
-
-
-def _b64(path: str) -> str:
-    return base64.b64encode(os.fsencode(path)).decode("ascii")
 
 
 def _check_positive(name: str, value, error=ParameterError) -> int | None:

@@ -15,7 +15,6 @@ either does not exist or holds a whole export. ``load_vectors`` reads one back (
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -26,20 +25,19 @@ import numpy as np
 from stbir_infer.contract import fsync_dir
 from stbir_infer.errors import IndexEditError, IndexFormatError
 from stbir_infer.gallery import SPACE, GalleryIndex
-from stbir_infer.paths import display
+from stbir_infer.paths import display, path_bytes_b64
 from stbir_infer.roots import folder_of
 
 FORMAT = "stbir-vectors"
 VERSION = 1
 VECTORS, ENTRIES, MANIFEST = "vectors.npy", "entries.jsonl", "manifest.json"
-_CHUNK = 65536
 
 
 def _file_entry(path: str, rec: dict, roots: list[str]) -> dict:
     d = {"path": display(path), "folder": display(folder_of(path, roots)),
          "tags": rec.get("tags") or {}}
     if d["path"] != path:
-        d["path_bytes_b64"] = base64.b64encode(os.fsencode(path)).decode("ascii")
+        d["path_bytes_b64"] = path_bytes_b64(path)
     return d
 
 
@@ -50,7 +48,7 @@ def export_vectors(index_dir: str | Path, out_dir: str | Path) -> dict:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise IndexEditError(f"{display(out_dir)}: exists and is not an empty dir")
     idx = GalleryIndex.load(Path(index_dir).expanduser())
-    labels = np.fromiter(sorted(idx.items), np.int64, len(idx.items))
+    labels = sorted(idx.items)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -58,12 +56,11 @@ def export_vectors(index_dir: str | Path, out_dir: str | Path) -> dict:
         with open(tmp / VECTORS, "wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
                                                      "shape": (len(labels), idx.dim)})
-            for s in range(0, len(labels), _CHUNK):  # streamed: the index may be large
-                block = np.asarray(idx.hnsw.get_items(labels[s:s + _CHUNK]), "<f4")
-                f.write(np.ascontiguousarray(block).tobytes())
+            for _, block in idx.live_vectors():  # streamed: the index may be large
+                f.write(np.ascontiguousarray(block, "<f4").tobytes())
             os.fsync(f.fileno())
         with open(tmp / ENTRIES, "w", encoding="utf-8") as f:
-            for label in labels.tolist():
+            for label in labels:
                 files = [_file_entry(p, idx.files[p], idx.roots) for p in idx.paths.get(label, [])]
                 f.write(json.dumps({"id": label, "sha256": idx.items[label], "files": files},
                                    ensure_ascii=False) + "\n")
