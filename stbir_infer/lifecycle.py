@@ -15,6 +15,7 @@ new one.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from contextlib import contextmanager
@@ -102,6 +103,15 @@ def _candidates(path: str | os.PathLike) -> list[str]:
     return list(dict.fromkeys([given, os.path.realpath(given)]))
 
 
+def _under(sorted_paths: list[str], folder: str) -> Iterator[str]:
+    """The paths at or under ``folder`` (``roots.is_within``), from a sorted list."""
+    i = bisect.bisect_left(sorted_paths, folder)
+    while i < len(sorted_paths) and sorted_paths[i].startswith(folder):
+        if is_within(sorted_paths[i], folder):
+            yield sorted_paths[i]
+        i += 1
+
+
 def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditReport:
     """Take files, or every file under folders, out of the index. A path the index holds no file
     at or under is an IndexEditError and nothing is removed. A removed file that still exists is
@@ -112,8 +122,9 @@ def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditRep
         raise IndexEditError("remove: give at least one file or folder")
     with _editing(index_dir, report) as idx:
         targets: dict[str, None] = {}
+        files = sorted(idx.files)  # the paths under a folder are one run of it: no scan per path
         for given in paths:
-            found = [p for c in _candidates(given) for p in idx.files if is_within(p, c)]
+            found = [p for c in _candidates(given) for p in _under(files, c)]
             if not found:
                 raise IndexEditError(f"{display(os.fsdecode(given))}: no file of the index is "
                                      "there (nothing was removed)")
