@@ -29,7 +29,7 @@ from stbir_infer import preprocess as _pre
 from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, GRAPH_OUTPUT, MANIFEST,
                                   QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING,
                                   embedding_space)
-from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError
+from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError, first_line
 from stbir_infer.session import DEFAULT_PROVIDER, SPINNING, SessionSettings, open_session
 from stbir_infer.tokenizer import DEFAULT_BPE_FILE, Tokenizer
 
@@ -162,21 +162,19 @@ class Encoders:
     ``precision`` "fp32" (default) or "int8" (the export's quantised graphs, where it has them).
     ``provider``: onnxruntime execution provider, short name or full (``stbir_infer.session``:
     one this build lacks falls back to the CPU with a line on stderr); ``spinning``: whether
-    idle worker threads busy-wait (None: ``session.SPINNING``).
+    idle worker threads busy-wait (default ``session.SPINNING``).
     """
 
     def __init__(self, model_dir: str | Path, *, threads: int | None = None, precision: str = "fp32",
-                 provider: str = DEFAULT_PROVIDER, spinning: bool | None = None):
+                 provider: str = DEFAULT_PROVIDER, spinning: bool = SPINNING):
         if precision not in ("fp32", "int8"):
             raise ExportDirError(f"precision {precision!r} is not fp32 or int8")
         if threads is not None and int(threads) < 1:
             raise ExportDirError(f"threads must be >= 1, not {threads}")
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
-        self.threads = threads
         self.precision = precision
-        self.session_settings = SessionSettings(
-            threads=threads, provider=provider, spinning=SPINNING if spinning is None else spinning)
+        self.session_settings = SessionSettings(threads=threads, provider=provider, spinning=spinning)
         self.embed_dim = int(self.manifest["embed_dim"])
         self.fusion_weight = float(self.manifest["fusion_weight"])
         self.fingerprint = str(self.manifest["fingerprint"])
@@ -283,6 +281,10 @@ class Encoders:
                 sess = self._sessions[branch] = self._open(branch)
             return sess
 
+    @property
+    def threads(self) -> int | None:
+        return self.session_settings.threads
+
     def _graph_name(self, branch: str) -> str:
         enc = self.manifest["encoders"][branch]
         return enc["int8_file"] if self.precision == "int8" else enc["file"]
@@ -354,7 +356,7 @@ class Encoders:
                 table = _npy_from_bytes(self.read_verified(rel))
             except (OSError, ValueError, EOFError) as exc:
                 raise ExportDirError(f"{self.model_dir / rel}: not a readable .npy table "
-                                     f"({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
+                                     f"({first_line(exc)})") from None
             if not isinstance(table, np.ndarray) or table.dtype.kind != "f":
                 raise ExportDirError(f"{self.model_dir / rel}: not a float .npy table")
             if table.ndim != 2 or table.shape[0] < self.tokenizer.vocab_size:

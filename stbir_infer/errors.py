@@ -78,8 +78,14 @@ class NonFiniteEmbeddingError(QueryError):
         self.vectors = vectors
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line for an error of ours (its repr when empty)."""
+    text = str(exc)
+    return text.splitlines()[0][:200] if text else repr(exc)
+
+
 __all__ = [
     "EnrollError", "ExportDirError", "ImageDecodeError", "IndexEditError", "IndexFormatError",
     "IndexLockedError", "IndexNotFoundError", "ModelMismatchError", "NonFiniteEmbeddingError",
-    "ParameterError", "ProviderError", "QueryError", "StbirInferError", "TokenizerError",
+    "ParameterError", "ProviderError", "QueryError", "StbirInferError", "TokenizerError", "first_line",
 ]

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-from stbir_infer.errors import ExportDirError, ProviderError
+from stbir_infer.errors import ExportDirError, ProviderError, first_line
 
 CPU = "CPUExecutionProvider"
 DEFAULT_PROVIDER = "cpu"
@@ -110,10 +110,6 @@ class SessionSettings:
         opts.log_severity_level = 3  # errors only: the provider fallback is reported here
         return opts
 
-    def describe(self) -> dict:
-        return {"threads": self.threads, "provider": provider_name(self.provider),
-                "spinning": self.spinning, "optimization": self.optimization}
-
 
 def _fallback(name: str, why: str, warn: Callable[[str], object]) -> None:
     if name not in _warned:
@@ -135,7 +131,7 @@ def open_session(model: bytes | str, settings: SessionSettings, *, label: str = 
             sess = ort.InferenceSession(model, sess_options=settings.options(), providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportDirError(f"{label}: onnxruntime cannot load it "
-                             f"({str(exc).splitlines()[0][:200] if str(exc) else exc!r})") from None
+                             f"({first_line(exc)})") from None
     if providers[0] != CPU and providers[0] not in sess.get_providers():
         _fallback(providers[0], "it failed to start", warn)  # e.g. no GPU or driver
     return sess
