@@ -74,13 +74,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(clip_model="stbir-tiny", sketch_backbone="mobilenet_v2", sketch_size=48),
 }
 
-# Image normalisation an architecture's pretrained weights expect, where it is not open_clip's
+# Image normalisation a timm image trunk's pretrained weights expect, where it is not open_clip's
 # default (the MobileNetV2 ImageNet weights take inputs in [-1, 1]).
-IMAGE_NORM: dict[str, tuple[list[float], list[float]]] = {
-    "stbir-edge": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    "stbir-medium": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    "stbir-tiny": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-    "stbir-tiny32": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+TRUNK_IMAGE_NORM: dict[str, tuple[list[float], list[float]]] = {
+    "mobilenetv2_100": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
 }
 
 
@@ -297,10 +294,13 @@ class STBIRModel(nn.Module):
         return copy.deepcopy(self._input_specs)
 
     def _build_input_specs(self) -> dict[str, dict]:
-        cfg = _open_clip().get_model_preprocess_cfg(self.clip)
+        oc = _open_clip()
+        cfg = oc.get_model_preprocess_cfg(self.clip)
         size = cfg["size"]
         size = size[0] if isinstance(size, (tuple, list)) else size
-        mean, std = IMAGE_NORM.get(self.spec.clip_model, (cfg["mean"], cfg["std"]))
+        trunk = ((oc.get_model_config(self.spec.clip_model) or {}).get("vision_cfg") or {}).get(
+            "timm_model_name")
+        mean, std = TRUNK_IMAGE_NORM.get(trunk, (cfg["mean"], cfg["std"]))
         image = dict(size=int(size), channels=3, mean=[float(v) for v in mean],
                      std=[float(v) for v in std],
                      interpolation=cfg.get("interpolation", "bicubic"),

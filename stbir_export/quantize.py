@@ -46,7 +46,7 @@ import numpy as np
 from models.scoped import quiet_logs
 from stbir_export import verify as verification
 from stbir_export.errors import ExportError
-from stbir_infer.preprocess import ImageDecodeError, load as load_image
+from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load as load_image
 from stbir_infer.session import SessionSettings, open_session
 
 AUTO = "auto"
@@ -57,7 +57,6 @@ CHECK_IMAGES = 64
 # 1 of 224 px (8 per batch took the seed preset's export to a 5.7 GB peak).
 CALIBRATION_BATCH_PIXELS = 16 * 64 * 64
 MIN_COSINE = 0.995
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SUBFOLDERS = {"sketch": ("sketches", "sketch"), "image": ("photos", "images", "image", "photo")}
 STATIC_SETTINGS = {"format": "QDQ", "per_channel": True, "reduce_range": False,
                    "weight_type": "int8", "activation_type": "uint8", "calibrate": "percentile"}
@@ -143,7 +142,7 @@ def _image_files(folders: list[Path]) -> list[Path]:
         for top, dirs, names in os.walk(folder):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             found.update(Path(top) / n for n in names
-                         if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+                         if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS)
     return sorted(found)
 
 
@@ -192,10 +191,6 @@ def quantize_static(src: Path, dst: Path, pixels: np.ndarray, input_name: str = 
                    extra_options={"CalibStridedMinMax": 1})  # one batch of tensors at a time
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return verification.compare(a, b)[0]
-
-
 def _dynamic(model, encoder: str, fp32: Path, int8: Path, table, batch: int, log, why: str) -> dict:
     verification.quantize_int8(fp32, int8)
     cos = verification.int8_cosine(model, encoder, fp32, int8, table, batch)
@@ -240,7 +235,8 @@ def quantize_tower(model, encoder: str, fp32: Path, int8: Path, calibration: Cal
                     for k, p in {"fp32": fp32, **built}.items()}
         held = calibration.check[encoder]
         want = sessions["fp32"].run(None, {"pixels": held})[0]
-        cos = {k: _cosine(sessions[k].run(None, {"pixels": held})[0], want) for k in built}
+        cos = {k: verification.compare(sessions[k].run(None, {"pixels": held})[0], want)[0]
+               for k in built}
         ms = _batch1_ms(sessions, {"pixels": held[:1]})
         del sessions
         good = [k for k in built if cos[k] >= MIN_COSINE]

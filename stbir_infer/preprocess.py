@@ -63,6 +63,8 @@ MAX_INTERMEDIATE = 8
 DRAFT_FACTOR = 4
 # Decoded pixels above which a large image is converted in bands and reduced (see above).
 LEAN_PIXELS = 8_000_000
+# File names a folder of training or calibration images is read by.
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _BAND_PIXELS = 1 << 20
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
 _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -70,8 +72,8 @@ _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_1
                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                  8: Image.Transpose.ROTATE_90}
 
-__all__ = ["DRAFT_FACTOR", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE", "MAX_PIXELS",
-           "load", "open_image", "pad_fill", "preprocess"]
+__all__ = ["DRAFT_FACTOR", "IMAGE_EXTENSIONS", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE",
+           "MAX_PIXELS", "load", "open_image", "pad_fill", "preprocess"]
 
 
 def _label(source) -> str:

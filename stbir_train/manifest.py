@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stbir_infer.preprocess import ImageDecodeError, open_image
+from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, open_image
 from stbir_infer.contract import atomic_write_text
 from stbir_train.config import Config
 from stbir_train.errors import DataError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 
 
