@@ -80,12 +80,19 @@ class SBIRDataset(Dataset):
                 img = (corrupt_photo if modality == "photo" else corrupt_sketch)(img, strength, rng)
         return torch.from_numpy(preprocess(img, spec))
 
+    def item_rng(self, i: int) -> np.random.Generator:
+        """Item ``i``'s random draws this epoch (the same in any worker process)."""
+        return np.random.default_rng([self.seed, self.stage_index, self.epoch, i])
+
+    def pick_sketch(self, i: int, rng: np.random.Generator) -> int:
+        """Which positive sketch item ``i`` shows: the first draw of ``rng`` when training."""
+        return int(rng.integers(len(self.rows[i]["positive_sketches"]))) if self.train else 0
+
     def __getitem__(self, i: int) -> dict:
         row = self.rows[i]
-        rng = np.random.default_rng([self.seed, self.stage_index, self.epoch, i])
+        rng = self.item_rng(i)
         noisy = self.train
-        sketches = row["positive_sketches"]
-        sketch = sketches[int(rng.integers(len(sketches)))] if self.train else sketches[0]
+        sketch = row["positive_sketches"][self.pick_sketch(i, rng)]
         item = {
             "sketch": self._pixels(sketch, "sketch", rng, noisy),
             "image": self._pixels(row["image"], "photo", rng, noisy),

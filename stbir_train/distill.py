@@ -189,13 +189,8 @@ class WithTeacher(Dataset):
         return len(self.base)
 
     def sketch_drawn(self, i: int) -> int:
-        """Which positive sketch ``SBIRDataset.__getitem__`` picks for item ``i`` this epoch: the
-        first draw of its per-item generator (tests/train/test_distill.py holds the two together)."""
-        b = self.base
-        n = len(b.rows[i]["positive_sketches"])
-        if not b.train:
-            return 0
-        return int(np.random.default_rng([b.seed, b.stage_index, b.epoch, i]).integers(n))
+        """Which positive sketch ``SBIRDataset.__getitem__`` picks for item ``i`` this epoch."""
+        return self.base.pick_sketch(i, self.base.item_rng(i))
 
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
