@@ -38,7 +38,6 @@ from stbir_infer.contract import BRANCHES, atomic_write, file_sha256
 from stbir_train import train as T
 from stbir_train.errors import ConfigError, TrainingError
 from stbir_train.evaluate import encode_rows
-from stbir_train.loop import step_losses
 
 CACHE_VERSION = 1
 TERMS = tuple(f"distill_{b}" for b in BRANCHES) + ("distill_relational",)
@@ -79,10 +78,8 @@ def distill(cfg, resume: str | Path | None = None, stop_after_epochs: int | None
     run.train_set = WithTeacher(run.train_set, targets)
     run.extra_state = {"distill": {"space": record["space"], "teacher": record}}
     loss_cfg = distill_loss(cfg)
-    extra = relational_terms(run.model, cfg.distill.temperature)
-    T.run_stages(run, loss_cfg, stop_after_epochs=stop_after_epochs,
-                 step_fn=lambda batch, lc, target: step_losses(run.model, batch, lc, target,
-                                                               extra_terms=extra))
+    run.extra_terms = relational_terms(run.model, cfg.distill.temperature)
+    T.run_stages(run, loss_cfg, stop_after_epochs=stop_after_epochs)
     return {**run.summary(), "teacher": record, "cache": str(cache_path)}
 
 

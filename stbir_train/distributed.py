@@ -69,23 +69,25 @@ class LossStep(nn.Module):
     """The model's loss step as a module, so DistributedDataParallel can run it as ``forward``
     (DDP only syncs gradients of a backward whose forward went through it)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, extra_terms=None):
         super().__init__()
-        self.model = model
+        self.model, self.extra_terms = model, extra_terms
 
     def forward(self, batch: dict, loss_cfg, target: str) -> dict[str, torch.Tensor]:
-        return step_losses(self.model, batch, loss_cfg, target)
+        return step_losses(self.model, batch, loss_cfg, target, self.extra_terms)
 
 
-def loss_step(model: nn.Module, procs: Processes):
-    """``fn(batch, loss_cfg, target) -> loss terms`` for one stage; call after
-    ``configure_stage`` (DDP syncs the parameters that are trainable when it is built)."""
+def loss_step(model: nn.Module, procs: Processes, extra_terms=None):
+    """``fn(batch, loss_cfg, target) -> loss terms`` for one stage (``extra_terms``: see
+    ``loop.step_losses``); call after ``configure_stage`` (DDP syncs the parameters that are
+    trainable when it is built)."""
     if procs.world == 1:
-        return lambda batch, loss_cfg, target: step_losses(model, batch, loss_cfg, target)
+        return lambda batch, loss_cfg, target: step_losses(model, batch, loss_cfg, target,
+                                                           extra_terms)
     ids = [procs.device.index] if procs.device.type == "cuda" else None
     # A stage may leave a trainable tensor without a gradient (e.g. the ArcFace head at weight
     # 0), so DDP looks for unused parameters instead of waiting for them.
-    return nn.parallel.DistributedDataParallel(LossStep(model), device_ids=ids,
+    return nn.parallel.DistributedDataParallel(LossStep(model, extra_terms), device_ids=ids,
                                                find_unused_parameters=True)
 
 

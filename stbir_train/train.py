@@ -63,6 +63,7 @@ class Run:
     start_epoch: int = 0
     best: float | None = None  # best validation sketch+text R@1; None without validation
     extra_state: dict | None = None  # more checkpoint keys (distill: the teacher's record)
+    extra_terms: object = None  # more loss terms (loop.step_losses; distill: towards the teacher)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -91,17 +92,14 @@ def train(cfg: Config, only_stage: str | None = None, resume: str | Path | None 
 
 
 def run_stages(run: Run, loss_cfg, only_stage: str | None = None,
-               stop_after_epochs: int | None = None, step_fn=None) -> None:
-    """The stage and epoch loop of train() and distill(); ``step_fn`` (batch, loss_cfg, target)
-    replaces each stage's own loss step where given."""
+               stop_after_epochs: int | None = None) -> None:
+    """The stage and epoch loop of train() and distill()."""
     stages = run.cfg.training.stages
     epochs_run = 0
     for si in range(run.start_stage, len(stages)):
         if only_stage is not None and stages[si].target != only_stage:
             continue
         stage = start_stage(run, si)
-        if step_fn is not None:
-            stage.step_fn = step_fn
         first_epoch = run.start_epoch if si == run.start_stage else 0
         for epoch in range(first_epoch, stage.epochs):
             t0 = time.time()
@@ -222,7 +220,7 @@ def start_stage(run: Run, si: int) -> StageRun:
         raise TrainingError(f"{len(run.train_set)} training items are fewer than one batch of "
                             f"{cfg.training.batch_size} x {procs.world} process(es)")
     stage = StageRun(si, st.target, st.epochs, st.lr, optimizer, params,
-                     distributed.loss_step(model, procs), steps_per_epoch)
+                     distributed.loss_step(model, procs, run.extra_terms), steps_per_epoch)
     if run.resume_state is not None and si == run.start_stage and run.start_epoch > 0:
         optimizer.load_state_dict(run.resume_state["optimizer"])
         stage.step = run.resume_state.get("step_in_stage", run.start_epoch * steps_per_epoch)

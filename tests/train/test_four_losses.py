@@ -101,9 +101,9 @@ def test_a_real_training_step_runs_all_four_losses_with_manifest_negatives(setup
     real_step = loop.step_losses
     batches = []
 
-    def spy(model, batch, loss_cfg, target):
+    def spy(model, batch, loss_cfg, target, extra_terms=None):
         batches.append(set(batch))
-        return real_step(model, batch, loss_cfg, target)
+        return real_step(model, batch, loss_cfg, target, extra_terms)
 
     monkeypatch.setattr("stbir_train.distributed.step_losses", spy)
     with pytest.raises(Stop):
