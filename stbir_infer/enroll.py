@@ -201,7 +201,8 @@ class _Enrollment:
                  report: EnrollReport, *, batch_size: int, threads: int | None,
                  checkpoint_seconds: float):
         self.encoders, self.idx, self.index_dir, self.root = encoders, idx, index_dir, root
-        self.report, self.batch_size, self.threads = report, batch_size, threads
+        self.report, self.batch_size = report, batch_size
+        self.workers = _pipe.default_workers(threads)  # hashing and decoding threads
         self.checkpoint_seconds = checkpoint_seconds
 
     # -- scan ---------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class _Enrollment:
         return the rest grouped by content (sha256 -> files), in scan order."""
         idx, report = self.idx, self.report
         groups: dict[str, list[_Candidate]] = {}
-        for c, sha, st in _hashed(candidates, _pipe.default_workers(self.threads)):
+        for c, sha, st in _hashed(candidates, self.workers):
             if isinstance(st, OSError):
                 report.skip(c.path, f"unreadable ({st.strerror or type(st).__name__})")
                 if c.was_indexed:
@@ -286,7 +287,7 @@ class _Enrollment:
         bar = _progress(len(todo), progress)
         try:
             for n, (batch, decoded) in enumerate(_pipe.decoded_batches(
-                    batches, spec, stages, workers=_pipe.default_workers(self.threads))):
+                    batches, spec, stages, workers=self.workers)):
                 with _timed(report, "encode"):
                     self._encode_batch(batch, decoded)
                 if bar is not None:
