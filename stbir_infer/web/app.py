@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -227,11 +228,10 @@ class App:
         for h in hits:
             rec = files.get(h.path)
             label = int(rec["label"]) if rec is not None else None
+            # to_dict gives names in display form (valid UTF-8; the index keeps them as
+            # os.fsdecode gives them, lone surrogates for bytes that are not UTF-8).
             d = h.to_dict()
-            # The index keeps names as os.fsdecode gives them (lone surrogates for bytes that
-            # are not UTF-8); answers carry their display form, which is valid UTF-8.
-            d.update(path=display(h.path), name=display(Path(h.path).name),
-                     duplicates=[display(p) for p in h.duplicates], id=label,
+            d.update(name=os.path.basename(d["path"]), id=label,
                      image=f"/api/image/{label}" if label is not None else None)
             results.append(d)
         fused = q.sketch is not None and q.text is not None

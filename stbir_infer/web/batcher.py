@@ -6,10 +6,10 @@ queries (at most ``max_batch``, oldest first) and hands each its answer; the oth
 encoder run goes at a time (onnxruntime spreads each over the cores; two at once only fight for
 them). A run takes what queued while the previous one ran, and waits (at most ``linger``
 seconds) for the queries known to be on their way: requests being parsed right then
-(``arriving``), and, under concurrent load (the last run answered several), the next queries of
-the last run's callers, which are a round trip away. Without that, 8 clients settle into two
-groups of 4 that take turns; with it, runs of about 8 cost a quarter less CPU a query
-(``benchmarks/server_load.py``). A lone query never waits.
+(``arriving``), and, when the previous run answered several and ended less than ``round_trip``
+ago, its callers' next queries (concurrent clients are a round trip away). Without that, 8 clients
+settle into two groups of 4 that take turns, and batches of 4 cost more CPU a query than
+batches of 8 (``benchmarks/server_load.py``). A lone query never waits.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class _Slot:
 class QueryBatcher:
     """``batcher(query_kwargs)`` -> ``Searcher.query``'s answer for them (or its exception)."""
 
+    round_trip = 0.1  # seconds: a concurrent client's next query comes well within this
+
     def __init__(self, searcher, max_batch: int = 32, linger: float = 0.01):
         self.searcher = searcher
         self.max_batch = max(1, int(max_batch))
@@ -36,7 +38,8 @@ class QueryBatcher:
         self._waiting: list[_Slot] = []
         self._arriving = 0  # requests being parsed, whose query comes next
         self._busy = False
-        self._last_run = 0  # queries the last run answered
+        self._expect = 0  # queries the next run can count on: the last run's callers come back
+        self._last_end = float("-inf")  # when the last run ended (time.monotonic)
         self.runs = self.answered = 0  # query_many calls, and the queries they answered
 
     @contextmanager
@@ -73,10 +76,11 @@ class QueryBatcher:
 
     def _gather(self) -> None:
         """Before a run (lock held): wait, at most ``linger`` seconds, for the queries on their
-        way: those being parsed, and, under concurrent load (the last run answered several),
-        the next queries of the last run's callers."""
-        deadline = time.monotonic() + self.linger
-        returning = len(self._waiting) + self._last_run if self._last_run > 1 else 0
+        way: those being parsed, and, under concurrent load (a run of several just ended), the
+        next queries of its callers."""
+        now = time.monotonic()
+        deadline = now + self.linger
+        returning = self._expect if now - self._last_end < self.round_trip else 0
         while True:
             want = min(max(returning, len(self._waiting) + self._arriving), self.max_batch)
             left = deadline - time.monotonic()
@@ -97,7 +101,10 @@ class QueryBatcher:
             with self._cond:
                 self.runs += 1
                 self.answered += len(batch)
-                self._last_run = len(batch)
+                # Its callers come back (one of them may be the next runner), and what queued
+                # meanwhile is still waiting; a lone caller is no sign of concurrent load.
+                self._expect = len(self._waiting) + len(batch) if len(batch) > 1 else 0
+                self._last_end = time.monotonic()
                 for s, r in zip(batch, results):
                     s.result, s.done = r, True
                 self._busy = False

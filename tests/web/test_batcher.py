@@ -95,20 +95,29 @@ def test_concurrent_http_queries_get_the_answers_of_single_queries(client, searc
     assert got == {n: (200, want[n]) for n in names}
 
 
-def test_a_run_waits_for_the_last_runs_callers_but_a_lone_query_does_not():
-    searcher = SlowSearcher()
-    searcher.release.set()
-    b = QueryBatcher(searcher, max_batch=8, linger=30)  # a wait would outlast the joins below
-    lone = threading.Thread(target=b, args=({"text": "x"},))
-    lone.start()
-    lone.join(5)
-    assert not lone.is_alive() and searcher.batches == [["x"]]
-    b._last_run = 3  # as if three concurrent callers had just been answered
-    threads = [threading.Thread(target=b, args=({"text": t},)) for t in "abcd"]
+def _together(b, texts):
+    """``texts`` asked from one thread each, a little apart; all answered within the joins."""
+    threads = [threading.Thread(target=b, args=({"text": t},)) for t in texts]
     for t in threads:
         t.start()
         time.sleep(0.05)
     for t in threads:
         t.join(5)
     assert not any(t.is_alive() for t in threads)
-    assert searcher.batches[1:] == [["a", "b", "c", "d"]]  # one run: a's waited for the 3 others
+
+
+def test_a_run_waits_for_the_last_runs_callers_but_a_lone_query_does_not():
+    searcher = SlowSearcher()
+    searcher.release.set()
+    b = QueryBatcher(searcher, max_batch=8, linger=30)  # a wait would outlast the joins
+    b.round_trip = 30  # however slow this machine is today
+    _together(b, "x")
+    assert searcher.batches == [["x"]]  # a lone query runs at once
+    b._expect, b._last_end = 3, time.monotonic()  # as if a run of three had just ended
+    _together(b, "abc")
+    assert searcher.batches[1:] == [["a", "b", "c"]]  # a's run waited for the two others
+    _together(b, "abc")  # the same three callers again: one run, and none waits for a fourth
+    assert searcher.batches[2:] == [["a", "b", "c"]]
+    b._last_end -= 60  # a minute later, no one is on the way
+    _together(b, "y")
+    assert searcher.batches[3:] == [["y"]]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stbir_infer.searcher import Hit
+
 N_PHOTOS = 10
 MAX_BODY = 256 * 1024
 
@@ -112,15 +114,6 @@ def sketch_file(gallery, name="photo_03.png"):
 
 # -- a searcher without models: App-level tests of routing, encoding and caching --------------
 
-class FakeHit:
-    def __init__(self, path, score, rank, duplicates=()):
-        self.path, self.score, self.rank, self.duplicates = path, score, rank, tuple(duplicates)
-
-    def to_dict(self):
-        return {"rank": self.rank, "score": self.score, "path": self.path,
-                "duplicates": list(self.duplicates)}
-
-
 class FakeGallery:
     """``files`` {path: {sha256, size, mtime_ns, label}}; ``items`` and ``paths`` derived."""
 
@@ -164,7 +157,7 @@ class FakeSearcher:
         self.queries.append((sketch, text, top_k))
         hits = []
         for rank, (label, paths) in enumerate(sorted(self.gallery.paths.items())[:top_k], 1):
-            hits.append(FakeHit(paths[0], 1.0 / rank, rank, paths[1:]))
+            hits.append(Hit(paths[0], 1.0 / rank, rank, tuple(paths[1:])))
         return hits
 
     def query_many(self, queries, errors="raise", batch_size=32):  # what the App calls
