@@ -50,6 +50,13 @@ def _ops(path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path)).graph.node}
 
 
+def _static_matmuls(path) -> list[str]:
+    """MatMul / Gemm nodes fed by a DequantizeLinear (static QDQ attention)."""
+    graph = onnx.load(str(path)).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & dq]
+
+
 def test_auto_calibration_reads_the_training_data_and_records_each_choice(calibrated, tiny_dataset):
     out, manifest, log = calibrated
     q = manifest["quantization"]["int8"]
@@ -73,6 +80,10 @@ def test_auto_calibration_reads_the_training_data_and_records_each_choice(calibr
         ops = _ops(out / manifest["encoders"][branch]["int8_file"])
         if rec["method"] == "static":  # QDQ around every Conv: onnxruntime runs them in int8
             assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+            # ... and MatMul / Gemm (the image tower's attention pooling) dynamic int8 on top
+            assert _static_matmuls(out / manifest["encoders"][branch]["int8_file"]) == []
+            if _ops(out / manifest["encoders"][branch]["file"]) & {"MatMul", "Gemm"}:
+                assert "DynamicQuantizeLinear" in ops
         else:
             assert "DynamicQuantizeLinear" in ops
         assert f"int8 {branch}: {rec['method']} (batch-1 ms" in log
