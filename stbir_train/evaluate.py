@@ -15,7 +15,8 @@ import torch
 
 from stbir_train.data import ImageCache
 from stbir_train import verification
-from stbir_train.fusion import relevant_mask, fused_scores, select_fusion, weight_grid
+from stbir_train.fusion import (fused_scores, query_fused, relevant_mask, select_fusion,
+                                 weight_grid)
 from stbir_train.metrics import metrics_by_group, retrieval_metrics
 from stbir_infer.contract import atomic_write_text, file_sha256
 from stbir_infer.preprocess import preprocess
@@ -67,7 +68,7 @@ def score_modes(model, enc: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     is the checkpoint's default fusion; with a Combiner, both fusions are also modes of their own."""
     gallery = enc["gallery"]
     owner = torch.from_numpy(enc["owner"])
-    fused = model.query_fuse(enc["sketch"], enc["text"][owner])
+    fused = query_fused(model, enc["sketch"], enc["text"][owner])
     n = len(gallery)
     out = {
         "sketch": ((enc["sketch"] @ gallery.T).numpy(), enc["owner"]),

@@ -30,12 +30,21 @@ def _r1_map(scores: np.ndarray, owner: np.ndarray) -> dict:
 
 
 @torch.no_grad()
+def query_fused(model, sketch: torch.Tensor, text: torch.Tensor,
+                method: str | None = None) -> torch.Tensor:
+    """``model.query_fuse`` of CPU embeddings, run where the model's fusion weights are (a
+    Combiner, the ``fusion_weight`` buffer: on the GPU when training there); the result on CPU."""
+    device = model.fusion_weight.device
+    return model.query_fuse(sketch.to(device), text.to(device), method).cpu()
+
+
+@torch.no_grad()
 def fused_scores(model, enc: dict, method: str, weight: float | None = None) -> np.ndarray:
     """[Q, G] scores of sketch+text queries fused by ``method`` ("mean" or "combiner")."""
     s = enc["sketch"]
     t = enc["text"][torch.from_numpy(enc["owner"])]
     if method == "combiner":
-        q = model.query_fuse(s, t, "combiner")
+        q = query_fused(model, s, t, "combiner")
     else:
         q = fuse(s, t, float(model.fusion_weight) if weight is None else weight)
     return (q @ enc["gallery"].T).numpy()
@@ -71,4 +80,5 @@ def describe(record: dict) -> str:
     return line
 
 
-__all__ = ["GRID", "describe", "fused_scores", "relevant_mask", "select_fusion", "weight_grid"]
+__all__ = ["GRID", "describe", "fused_scores", "query_fused", "relevant_mask", "select_fusion",
+           "weight_grid"]
