@@ -80,7 +80,7 @@ def make_inputs(enc, n: int) -> dict:
         photos.append(render_photo(item, rng))
         sketches.append(render_sketch(item, rng))
         texts.append(caption(item, rng))
-    ids = enc.tokenize(texts)
+    ids = enc.tokenizer(texts)  # all context_length tokens, as torch's encode_text runs
     return {"sketch": enc.preprocess("sketch", sketches), "image": enc.preprocess("image", photos),
             "ids": ids}
 

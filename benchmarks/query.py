@@ -93,11 +93,8 @@ def time_process(cmd: list[str], runs: int) -> dict:
 def runners(searcher, gidx, queries: list[dict], mode: str):
     """(phases, total): ``phases()`` runs one query step by step and returns the seconds of each
     step; ``total()`` runs the same kind of query through ``Searcher.query``."""
-    import numpy as np
-
     enc = searcher.encoders
     text_cfg = enc.manifest["encoders"]["text"]
-    names = [i["name"] for i in text_cfg["inputs"]]
     out_name = text_cfg.get("output", "embedding")
     ef = searcher.ef_search or gidx.params.ef_search
     perf = time.perf_counter
@@ -122,11 +119,9 @@ def runners(searcher, gidx, queries: list[dict], mode: str):
             t["pre_sketch"], t["enc_sketch"] = t1 - t0, t2 - t1
         if text is not None:
             t0 = perf()
-            ids = enc.tokenize([text])
-            emb = np.ascontiguousarray(enc.token_table[ids], np.float32)
-            eot = ids.argmax(axis=-1).astype(np.int64)
+            feeds = enc.text_feeds([text])
             t1 = perf()
-            t_vec = enc.session("text").run([out_name], {names[0]: emb, names[1]: eot})[0][0]
+            t_vec = enc.session("text").run([out_name], feeds)[0][0]
             t2 = perf()
             t["pre_text"], t["enc_text"] = t1 - t0, t2 - t1
         t0 = perf()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.causal_text import run_blocks
 from models.combiner import Combiner
 from models.errors import ModelError
 from models.scoped import open_clip_scope
@@ -253,11 +254,14 @@ class STBIRModel(nn.Module):
 
         This is what the exported text graph computes: the vocabulary lookup stays outside, and
         pooling at the end-of-text token is a one-hot weighted sum (no Gather on the table).
+        L may be below the context length: with the causal mask nothing after a row's end-of-text
+        reaches its vector, so the runtime may feed only the tokens up to the batch's last one.
         """
         c = self.clip
         cast = c.transformer.get_cast_dtype()
-        x = emb.to(cast) + c.positional_embedding.to(cast)
-        x = c.transformer(x, attn_mask=c.attn_mask)
+        n = emb.shape[1]
+        x = emb.to(cast) + c.positional_embedding[:n].to(cast)
+        x = run_blocks(c.transformer, x, None if c.attn_mask is None else c.attn_mask[:n, :n])
         x = c.ln_final(x)
         pick = (torch.arange(x.shape[1], device=x.device)[None, :] == eot[:, None]).to(x.dtype)
         x = (x * pick[..., None]).sum(1)

@@ -182,6 +182,10 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
         entry.update(inputs=graphs.input_specs(model, enc), output=GRAPH_OUTPUT)
         if enc == "text":
             entry["token_embedding"] = TOKEN_EMBEDDING
+            cos = verification.trim_cosine(model, tmp / name, table)
+            entry["trim_tokens"] = cos >= verification.MIN_COSINE
+            log(f"  text: {'trims' if entry['trim_tokens'] else 'does not trim'} the tokens after "
+                f"the last end-of-text at run time (min cosine to all tokens {cos:.7f})")
         else:
             entry["preprocess"] = specs[enc]
         encoders[enc] = entry

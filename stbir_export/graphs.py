@@ -80,7 +80,9 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(model, encoder), buf, dynamo=False,
                               opset_version=opset, input_names=names, output_names=[GRAPH_OUTPUT],
-                              dynamic_axes={n: {0: "batch"} for n in names + [GRAPH_OUTPUT]},
+                              dynamic_axes={**{n: {0: "batch"} for n in names + [GRAPH_OUTPUT]},
+                                            **({"token_embeddings": {0: "batch", 1: "tokens"}}
+                                               if encoder == "text" else {})},
                               do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

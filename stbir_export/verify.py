@@ -80,6 +80,26 @@ def verify_graph(model, encoder: str, path: Path, table: np.ndarray | None, batc
     return parity(path, onnx_feeds(encoder, inputs, table), want, f"{encoder} encoder")
 
 
+def trim_cosine(model, path: Path, table: np.ndarray) -> float:
+    """The text graph fed only the tokens up to the last end-of-text (of a batch of short
+    captions, and of each alone) against the same graph fed all ``context_length`` of them:
+    lowest row cosine (0 when the graph does not take fewer tokens). Near 1 only where the
+    attention is causal; then the runtime may trim (export.json ``trim_tokens``)."""
+    ids = model.tokenizer()([t for t in TEXTS if len(t) < 60]).numpy()
+    emb, eot = table[ids], ids.argmax(-1).astype(np.int64)
+    sess = session(path)
+    want = run(sess, {"token_embeddings": emb, "eot_position": eot})
+    worst = 1.0
+    for rows in [slice(None)] + [slice(i, i + 1) for i in range(len(ids))]:
+        n = int(eot[rows].max()) + 1
+        try:
+            got = run(sess, {"token_embeddings": emb[rows, :n], "eot_position": eot[rows]})
+        except Exception:  # noqa: BLE001 - a graph with a fixed token axis refuses the shape
+            return 0.0
+        worst = min(worst, compare(got, want[rows])[0])
+    return worst
+
+
 def parity(path: Path, feeds: dict, want: np.ndarray, what: str) -> dict:
     """The graph at ``path`` in onnxruntime (the feeds' batch and batch 1) and ReferenceEvaluator
     against torch's ``want``; raise ExportError naming ``what`` out of bounds."""

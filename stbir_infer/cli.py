@@ -24,6 +24,7 @@ from stbir_infer.cli_errors import OneLineErrors
 from stbir_infer.cli_index import register as register_index_commands
 from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from stbir_infer.errors import ImageDecodeError, QueryError, StbirInferError
+from stbir_infer.session import DEFAULT_PROVIDER
 
 PROG = "stbir-infer"
 
@@ -50,7 +51,7 @@ def _runtime_options(f):
     f = click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Intra-op threads for onnxruntime and hnswlib (default: library's).")(f)
     f = click.option("--int8", is_flag=True, help="Use the export's int8-quantised graphs.")(f)
-    f = click.option("--provider", default="cpu", show_default=True, metavar="NAME",
+    f = click.option("--provider", default=DEFAULT_PROVIDER, show_default=True, metavar="NAME",
                      help="onnxruntime execution provider: cpu, cuda, tensorrt, openvino, coreml, "
                           "dml, ... (one this onnxruntime lacks: the CPU, with a warning).")(f)
     return f

@@ -365,19 +365,24 @@ class Encoders:
             self._table = table
         return self._table
 
-    def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
-        return self.tokenizer(texts)
+    def text_feeds(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        """The text graph's inputs: table rows of the ids, and the end-of-text position where the
+        graph pools (the argmax of the ids, as in open_clip). Where the export measured it exact
+        (``trim_tokens``: causal attention), only the tokens up to the batch's last end-of-text
+        are fed: "red" costs 3 positions instead of the context length."""
+        ids = self.tokenizer(texts)
+        eot = ids.argmax(axis=-1).astype(np.int64)
+        enc = self.manifest["encoders"]["text"]
+        if enc.get("trim_tokens") and len(ids):
+            ids = ids[:, :int(eot.max()) + 1]
+        emb = np.ascontiguousarray(self.token_table[ids], np.float32)
+        return dict(zip([i["name"] for i in enc["inputs"]], (emb, eot)))
 
     def text(self, texts: str | Sequence[str]) -> np.ndarray:
-        """Texts -> unit vectors [B, D]. The table lookup runs here; the graph pools at the
-        end-of-text position, which (as in open_clip) is the argmax of the ids."""
-        ids = self.tokenize(texts)
-        if ids.shape[0] == 0:
-            return np.zeros((0, self.embed_dim), np.float32)
-        emb = np.ascontiguousarray(self.token_table[ids], np.float32)
-        eot = ids.argmax(axis=-1).astype(np.int64)
-        names = [i["name"] for i in self.manifest["encoders"]["text"]["inputs"]]
-        return self._run("text", {names[0]: emb, names[1]: eot})
+        """Texts -> unit vectors [B, D]."""
+        feeds = self.text_feeds(texts)
+        rows = len(next(iter(feeds.values())))
+        return self._run("text", feeds) if rows else np.zeros((0, self.embed_dim), np.float32)
 
     def fuse(self, sketch: np.ndarray | None, text: np.ndarray | None) -> np.ndarray:
         return fuse(sketch, text, self.fusion_weight)

@@ -28,6 +28,7 @@ from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
 from stbir_infer.paths import display, path_bytes_b64
+from stbir_infer.session import DEFAULT_PROVIDER
 
 log = logging.getLogger("stbir_infer")
 QUERY_KEYS = frozenset({"sketch", "text", "top_k", "sketch_weight", "min_score", "where"})
@@ -99,7 +100,7 @@ class Searcher:
     def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
                  ef_search: int | None = None, M: int | None = None,
                  ef_construction: int | None = None, precision: str = "fp32",
-                 provider: str = "cpu"):
+                 provider: str = DEFAULT_PROVIDER):
         self.threads = _check_positive("threads", threads)
         self.ef_search = _check_positive("ef_search", ef_search)
         self._M = M

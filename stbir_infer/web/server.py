@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import quote
 
+from stbir_infer.session import DEFAULT_PROVIDER
 from stbir_infer.web.app import SECURITY_HEADERS, App, ServeError
 from stbir_infer.web.requests import DEFAULT_MAX_BODY, one_line
 
@@ -217,7 +218,7 @@ def _route_logs(echo, quiet: bool) -> None:
 
 
 def serve(model_dir, index_dir, *, host: str = "127.0.0.1", port: int = 8000,
-          threads: int | None = None, precision: str = "fp32", provider: str = "cpu",
+          threads: int | None = None, precision: str = "fp32", provider: str = DEFAULT_PROVIDER,
           max_body: int = DEFAULT_MAX_BODY,
           quiet: bool = False, echo=None, limits: Limits | None = None) -> None:
     """Load the export and the index once, then answer until interrupted (the CLI's ``serve``)."""
