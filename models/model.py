@@ -249,24 +249,30 @@ class STBIRModel(nn.Module):
         emb = self.clip.token_embedding(tokens)
         return self.encode_text_embeddings(emb, eot_position(tokens))
 
-    def encode_text_embeddings(self, emb: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    def encode_text_embeddings(self, emb: torch.Tensor, eot: torch.Tensor, *,
+                               traceable: bool = False) -> torch.Tensor:
         """Text tower from looked-up token embeddings [B, L, D] and end-of-text positions [B].
 
-        This is what the exported text graph computes: the vocabulary lookup stays outside, and
-        pooling at the end-of-text token is a one-hot weighted sum (no Gather on the table).
-        L may be below the context length: with the causal mask nothing after a row's end-of-text
-        reaches its vector, so the runtime may feed only the tokens up to the batch's last one.
+        The vocabulary lookup stays outside, and pooling at the end-of-text token is a one-hot
+        weighted sum (no Gather on the table). ``traceable``: the exported graph's form
+        (``encode_text_graph``): the same attention written so that the graph takes any L up to
+        the context length (``models.causal_text``); training keeps open_clip's own blocks.
         """
         c = self.clip
         cast = c.transformer.get_cast_dtype()
         n = emb.shape[1]
         x = emb.to(cast) + c.positional_embedding[:n].to(cast)
-        x = run_blocks(c.transformer, x, None if c.attn_mask is None else c.attn_mask[:n, :n])
+        mask = None if c.attn_mask is None else c.attn_mask[:n, :n]
+        x = run_blocks(c.transformer, x, mask) if traceable else c.transformer(x, attn_mask=mask)
         x = c.ln_final(x)
         pick = (torch.arange(x.shape[1], device=x.device)[None, :] == eot[:, None]).to(x.dtype)
         x = (x * pick[..., None]).sum(1)
         x = c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
         return F.normalize(x, dim=-1)
+
+    def encode_text_graph(self, emb: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """What the exported text graph computes (export verifies it against ``encode_text``)."""
+        return self.encode_text_embeddings(emb, eot, traceable=True)
 
     def fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
         """The training fusion: the Combiner where the model has one, else the weighted mean

@@ -67,7 +67,7 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
     """Trace one encoder into an (unsimplified) ONNX model."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported (choose {MIN_OPSET}..{MAX_OPSET})")
-    module = _Encoder(model, f"encode_{encoder}" if encoder != "text" else "encode_text_embeddings")
+    module = _Encoder(model, f"encode_{encoder}" if encoder != "text" else "encode_text_graph")
     module.eval()
     names = input_names(encoder)
     buf = io.BytesIO()

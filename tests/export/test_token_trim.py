@@ -5,6 +5,7 @@ measures that dropping the tokens after the last end-of-text changes no vector a
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from stbir_export import export_checkpoint
 from stbir_infer.encoders import Encoders
@@ -24,6 +25,20 @@ def _all_tokens(enc, texts) -> np.ndarray:
     return enc.session("text").run(None, {
         "token_embeddings": np.ascontiguousarray(enc.token_table[ids], np.float32),
         "eot_position": ids.argmax(-1).astype(np.int64)})[0]
+
+
+def test_the_graphs_attention_is_open_clips_on_all_or_fewer_tokens(small_checkpoint):
+    from models import load_model
+
+    model, _ = load_model(small_checkpoint)
+    tokens = model.tokenizer()(TEXTS)
+    eot = tokens.argmax(-1)
+    n = int(eot.max()) + 1
+    with torch.no_grad():
+        want = model.encode_text(tokens)  # open_clip's own blocks, all tokens
+        emb = model.clip.token_embedding(tokens)
+        for got in (model.encode_text_graph(emb, eot), model.encode_text_graph(emb[:, :n], eot)):
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
 
 
 def test_the_runtime_feeds_tokens_up_to_the_last_end_of_text_with_the_same_vectors(
