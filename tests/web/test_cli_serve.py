@@ -51,8 +51,13 @@ def test_serve_command_runs(gallery):
         status, data = Client("127.0.0.1", port).json("GET", "/api/health")
         assert status == 200 and data["images"] == N_PHOTOS
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
-        rest = proc.stderr.read()
+        try:  # communicate, not wait: a child blocked on a full stderr pipe would never exit
+            rest = proc.communicate(timeout=20)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("serve did not stop within 20 s of Ctrl+C; it printed: "
+                                 + proc.communicate()[1][-2000:]) from None
+        assert proc.returncode == 0, rest
         assert "stopped" in rest and "Traceback" not in rest
     finally:
         if proc.poll() is None:
