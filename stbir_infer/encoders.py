@@ -148,10 +148,8 @@ def fuse(sketch: np.ndarray | None, text: np.ndarray | None, weight: float) -> n
     """Sketch+text query vector: normalize(w * s + (1 - w) * t); either half alone is the query."""
     if sketch is None and text is None:
         raise QueryError(QUERY_NEEDS_INPUT)
-    if sketch is None:
-        return np.asarray(text, np.float32)
-    if text is None:
-        return np.asarray(sketch, np.float32)
+    if sketch is None or text is None:
+        return np.asarray(text if sketch is None else sketch, np.float32)
     return _normalize(weight * np.asarray(sketch, np.float32) + (1 - weight) * np.asarray(text, np.float32))
 
 
@@ -281,10 +279,6 @@ class Encoders:
                 sess = self._sessions[branch] = self._open(branch)
             return sess
 
-    @property
-    def threads(self) -> int | None:
-        return self.session_settings.threads
-
     def _graph_name(self, branch: str) -> str:
         enc = self.manifest["encoders"][branch]
         return enc["int8_file"] if self.precision == "int8" else enc["file"]
@@ -300,7 +294,12 @@ class Encoders:
     def _run(self, branch: str, feeds: dict) -> np.ndarray:
         enc = self.manifest["encoders"][branch]
         sess = self.session(branch)
-        out = np.asarray(sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0], np.float32)
+        try:
+            out = np.asarray(sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0], np.float32)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a graph that does not
+            # take what export.json says it takes (an edited or mismatched export)
+            raise ExportDirError(f"{self.graph_file(branch)}: onnxruntime could not run it "
+                                 f"({first_line(exc)[:200]})") from None
         batch = len(next(iter(feeds.values())))
         if out.shape != (batch, self.embed_dim):
             raise ExportDirError(f"{self.graph_file(branch)}: output shape {out.shape}, expected "

@@ -4,11 +4,15 @@ measures that dropping the tokens after the last end-of-text changes no vector a
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from stbir_export import export_checkpoint
 from stbir_infer.encoders import Encoders
+from stbir_infer.errors import ExportDirError
 
 TEXTS = ["red", "a small blue square made of wood", ""]
 
@@ -69,3 +73,8 @@ def test_a_text_graph_that_bakes_its_token_count_is_not_trimmed(small_checkpoint
     counts = _fed_token_counts(enc, monkeypatch)
     np.testing.assert_allclose(enc.text(TEXTS), _all_tokens(enc, TEXTS), atol=2e-6)
     assert counts == [enc.tokenizer.context_length]
+    # export.json edited to claim it: the run fails as a one-line export error, not a crash
+    manifest["encoders"]["text"]["trim_tokens"] = True
+    (out / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportDirError, match="text_encoder.onnx: onnxruntime could not run it"):
+        Encoders(out, threads=1).text(["red"])

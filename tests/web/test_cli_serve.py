@@ -43,7 +43,10 @@ def test_serve_command_runs(gallery):
     export_dir, index_dir, _, _ = gallery
     proc = subprocess.Popen([sys.executable, "-m", "stbir_infer", "serve", "--model", str(export_dir),
                              "--index", str(index_dir), "--port", "0", "--threads", "1"],
-                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            # Ctrl+C as in a terminal: a shell's background job (CI run with `&`)
+                            # hands its children SIGINT ignored, and Python then keeps it so
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stderr.readline()
         assert "serving" in line and "http://127.0.0.1:" in line, line
