@@ -70,6 +70,9 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
     module = _Encoder(model, f"encode_{encoder}" if encoder != "text" else "encode_text_graph")
     module.eval()
     names = input_names(encoder)
+    axes = {n: {0: "batch"} for n in names + [GRAPH_OUTPUT]}
+    if encoder == "text":  # any token count up to the context length (models.causal_text)
+        axes["token_embeddings"][1] = "tokens"
     buf = io.BytesIO()
     # No torch.no_grad() here, and the attention fast path off: under no_grad nn.MultiheadAttention
     # takes aten::_native_multi_head_attention, which has no ONNX export.
@@ -80,9 +83,7 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(model, encoder), buf, dynamo=False,
                               opset_version=opset, input_names=names, output_names=[GRAPH_OUTPUT],
-                              dynamic_axes={**{n: {0: "batch"} for n in names + [GRAPH_OUTPUT]},
-                                            **({"token_embeddings": {0: "batch", 1: "tokens"}}
-                                               if encoder == "text" else {})},
+                              dynamic_axes=axes,
                               do_constant_folding=True)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -85,12 +85,13 @@ def trim_cosine(model, path: Path, table: np.ndarray) -> float:
     captions, and of each alone) against the same graph fed all ``context_length`` of them:
     lowest row cosine (0 when the graph does not take fewer tokens). Near 1 only where the
     attention is causal; then the runtime may trim (export.json ``trim_tokens``)."""
-    ids = model.tokenizer()([t for t in TEXTS if len(t) < 60]).numpy()
-    emb, eot = table[ids], ids.argmax(-1).astype(np.int64)
+    feeds = onnx_feeds("text", {"tokens": model.tokenizer()([t for t in TEXTS if len(t) < 60])},
+                       table)
+    emb, eot = feeds["token_embeddings"], feeds["eot_position"]
     sess = session(path)
-    want = run(sess, {"token_embeddings": emb, "eot_position": eot})
+    want = run(sess, feeds)
     worst = 1.0
-    for rows in [slice(None)] + [slice(i, i + 1) for i in range(len(ids))]:
+    for rows in [slice(None)] + [slice(i, i + 1) for i in range(len(eot))]:
         n = int(eot[rows].max()) + 1
         try:
             got = run(sess, {"token_embeddings": emb[rows, :n], "eot_position": eot[rows]})

@@ -299,7 +299,7 @@ class Encoders:
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a graph that does not
             # take what export.json says it takes (an edited or mismatched export)
             raise ExportDirError(f"{self.graph_file(branch)}: onnxruntime could not run it "
-                                 f"({first_line(exc)[:200]})") from None
+                                 f"({first_line(exc)})") from None
         batch = len(next(iter(feeds.values())))
         if out.shape != (batch, self.embed_dim):
             raise ExportDirError(f"{self.graph_file(branch)}: output shape {out.shape}, expected "

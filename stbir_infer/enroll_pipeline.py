@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from stbir_infer import preprocess as _pre
+from stbir_infer.errors import NonFiniteEmbeddingError
 from stbir_infer.scan import read_if_sha
 
 AHEAD = 2  # batches decoded ahead of the one being encoded
@@ -142,11 +143,8 @@ def encode(encoders, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Image vectors, and the rows the encoder could not embed (non-finite output)."""
     try:
         return encoders.encode_pixels("image", pixels), []
-    except Exception as exc:  # NonFiniteEmbeddingError, where the encoders raise it
-        rows, vectors = getattr(exc, "rows", None), getattr(exc, "vectors", None)
-        if not rows or vectors is None:
-            raise
-        return np.asarray(vectors, np.float32), sorted(int(r) for r in rows)
+    except NonFiniteEmbeddingError as exc:
+        return np.asarray(exc.vectors, np.float32), sorted(int(r) for r in exc.rows)
 
 
 def reason(exc: Exception) -> str:

@@ -226,7 +226,8 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
                 continue
             vectors, bad = pipe.encode(encoders, np.stack([px for _, px in ready]))
             dropped += [ready[r][0] for r in bad]
-            good = [i for i in range(len(ready)) if i not in set(bad)]
+            bad = set(bad)
+            good = [i for i in range(len(ready)) if i not in bad]
             graph.add_items(vectors[good], np.asarray([ready[i][0] for i in good], np.int64))
             report.encoded += len(good)
         for label in dropped:  # out of the old graph's records before the new graph replaces it
