@@ -22,7 +22,7 @@ import threading
 import numpy as np
 
 from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT
-from stbir_infer.errors import ExportDirError, QueryError
+from stbir_infer.errors import ExportDirError, QueryError, first_line
 from stbir_infer.session import open_session
 
 AUTO = "auto"
@@ -127,8 +127,17 @@ class Fusion:
         s = np.asarray(sketch, np.float32).reshape(-1, self.embed_dim)
         t = np.asarray(text, np.float32).reshape(-1, self.embed_dim)
         names = [i["name"] for i in self.entry["inputs"]]
-        out = self.session().run([self.entry.get("output", GRAPH_OUTPUT)],
-                                 {names[0]: s, names[1]: t})[0]
+        path = self.encoders.model_dir / self.entry["file"]
+        try:
+            out = np.asarray(self.session().run([self.entry.get("output", GRAPH_OUTPUT)],
+                                                {names[0]: s, names[1]: t})[0], np.float32)
+        except (ExportDirError, QueryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types (an edited graph)
+            raise ExportDirError(f"{path}: onnxruntime could not run it ({first_line(exc)})") from None
+        if out.shape != s.shape:  # a wrong width would reach hnswlib as a query of another dim
+            raise ExportDirError(f"{path}: the combiner gave output shape {out.shape}, expected "
+                                 f"{s.shape}")
         if not np.isfinite(out).all():
             raise QueryError("the combiner gave NaN or Inf for this query")
         return _normalize(out)

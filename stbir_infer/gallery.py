@@ -20,9 +20,9 @@ from typing import Iterator
 
 import numpy as np
 
-from stbir_infer import filters, roots, store
+from stbir_infer import filters, hnsw_file, roots, store
 from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, embedding_space
-from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError
+from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError, QueryError
 
 SPACE = store.SPACE
 # Past this share of deleted slots, save() rebuilds the graph from the live vectors: marked
@@ -118,32 +118,24 @@ class GalleryIndex:
     def _from_generation(cls, gen_dir: Path, meta: dict, *, threads: int | None = None) -> "GalleryIndex":
         import hnswlib
 
-        meta_path = gen_dir / store.META_FILE
-        try:
-            params = HnswParams(**meta["hnsw"])
-            dim = int(meta["dim"])
-            model = dict(meta["model"])
-            n_items = len(meta.get("items") or {})
-            n_deleted = len(meta.get("deleted") or [])
-        except (KeyError, TypeError, ValueError, ParameterError) as exc:
-            raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
-        bin_path = gen_dir / store.INDEX_FILE
-        if meta.get("checksums") is None:  # version 1: at least the size must agree
-            if bin_path.stat().st_size != meta.get("index_bytes"):
-                raise IndexFormatError(f"{bin_path}: size differs from the metadata's")
+        params = HnswParams(**meta["hnsw"])  # every field checked by index_meta.read_meta
+        dim, labels = int(meta["dim"]), {int(k) for k in meta.get("items") or {}}
         hnsw = hnswlib.Index(space=SPACE, dim=dim)
+        bin_path = gen_dir / store.INDEX_FILE
         with store.verified_file(gen_dir, meta, store.INDEX_FILE) as path:
+            header = hnsw_file.check(path, dim=dim, M=params.M, shown_as=bin_path, labels=labels,
+                                     ef_construction=params.ef_construction,
+                                     deleted=set(meta.get("deleted") or []))
             try:
-                hnsw.load_index(path, max_elements=0, allow_replace_deleted=True)
+                hnsw.load_index(path, max_elements=hnsw_file.load_capacity(header),
+                                allow_replace_deleted=True)
             except RuntimeError as exc:
                 raise IndexFormatError(f"{bin_path}: hnswlib cannot load it ({exc})") from None
         if threads:
             hnsw.set_num_threads(int(threads))
-        if hnsw.element_count - n_deleted != n_items:
-            raise IndexFormatError(f"{gen_dir}: index holds {hnsw.element_count} vectors, "
-                                   f"metadata {n_items}")
+        meta_path = gen_dir / store.META_FILE
         try:
-            return cls(dim=dim, model=model, params=params, meta=meta, hnsw=hnsw)
+            return cls(dim=dim, model=dict(meta["model"]), params=params, meta=meta, hnsw=hnsw)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
 
@@ -188,6 +180,8 @@ class GalleryIndex:
     def add_vectors(self, vectors: np.ndarray, hashes: list[str]) -> list[int]:
         """Add one vector per new content hash; returns their labels."""
         vectors = np.ascontiguousarray(vectors, np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not np.isfinite(vectors).all():
+            raise ValueError(f"vectors of shape {vectors.shape} for an index of dim {self.dim}")
         if len(hashes) != len(vectors):
             raise ValueError("one hash per vector")
         if not len(hashes):
@@ -343,6 +337,9 @@ class GalleryIndex:
         if k <= 0:
             return []
         q = np.ascontiguousarray(np.asarray(vector, np.float32).reshape(1, -1))
+        if q.shape[1] != self.dim or not np.isfinite(q).all():  # never hand hnswlib another size
+            raise QueryError(f"a query vector of size {q.shape[1]} (finite: "
+                             f"{bool(np.isfinite(q).all())}) for an index of dim {self.dim}")
         if allowed is not None and filters.use_exact(len(allowed), len(self.items), self.dim):
             return self._exact(q[0], k, allowed)
         keep = None if allowed is None else allowed.__contains__

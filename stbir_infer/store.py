@@ -40,17 +40,18 @@ from typing import Callable, Iterator, TypeVar
 
 from stbir_infer.contract import HNSW_SPACE, atomic_write_text, file_sha256, fsync_dir
 from stbir_infer.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
+from stbir_infer.index_meta import (  # meta.json: its format, reading and checking every field
+    INDEX_FORMAT,
+    INDEX_FORMAT_VERSION,
+    META_FILE,
+    MAX_GENERATION,
+    read_meta,
+)
 
-INDEX_FORMAT = "stbir-index"
-INDEX_FORMAT_VERSION = 3
-# 1: no checksums (read unverified); 2: absolute paths; 3: paths relative to their roots. Older
-# versions load as they are and are written as the current one by the next writer.
-READABLE_VERSIONS = (1, 2, 3)
 SPACE = HNSW_SPACE
 CURRENT = "CURRENT"
 LOCK = ".lock"
 INDEX_FILE = "index.bin"
-META_FILE = "meta.json"
 GEN_PREFIX = "gen-"
 TMP_PREFIX = ".tmp-"
 _CURRENT_TMP_PREFIX = f".{CURRENT}."  # atomic_write's temp files for CURRENT
@@ -250,6 +251,8 @@ def commit(index_dir: str | Path, *, write_files: Callable[[Path], None], meta: 
     old = current_generation(index_dir)
     numbers = [n for p in index_dir.iterdir() if (n := gen_number(p.name)) is not None]
     number = max(numbers + [int(after)]) + 1
+    if number > MAX_GENERATION:  # a stray gen-999999999999 dir would make CURRENT unreadable
+        raise IndexFormatError(f"{index_dir}: generation {number} is past the last one allowed")
     name = gen_name(number)
     tmp = index_dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
     if tmp.exists():
@@ -281,36 +284,6 @@ def commit(index_dir: str | Path, *, write_files: Callable[[Path], None], meta: 
 
 
 # -- reading a generation --------------------------------------------------------------------------
-
-def read_meta(gen_dir: Path) -> dict:
-    """meta.json of a generation, checked for format and version (FileNotFoundError passes
-    through: the generation may have just been removed by a writer)."""
-    meta_path = gen_dir / META_FILE
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise IndexFormatError(f"{meta_path}: unreadable metadata ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        raise IndexFormatError(f"{meta_path}: not an STBIR index")
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise IndexFormatError(f"{meta_path}: index format version {str(version)[:20]!r} is not "
-                               f"supported (this build reads {', '.join(map(str, READABLE_VERSIONS))})")
-    if meta.get("space") != SPACE:
-        raise IndexFormatError(f"{meta_path}: index space {str(meta.get('space'))[:20]!r} is not "
-                               f"{SPACE!r}")
-    if version >= 2:
-        sums = meta.get("checksums")
-        if not isinstance(sums, dict) or not all(
-                isinstance(v, dict) and isinstance(v.get("sha256"), str)
-                and re.fullmatch(r"[0-9a-f]{64}", v["sha256"]) and isinstance(v.get("bytes"), int)
-                for v in sums.values()):
-            raise IndexFormatError(f"{meta_path}: bad or missing checksums")
-    return meta
-
 
 def _sha_and_copy(fd: int, out_fd: int | None) -> tuple[str, int]:
     h, n = hashlib.sha256(), 0
@@ -353,7 +326,13 @@ def verified_file(gen_dir: Path, meta: dict, name: str, *,
     want = sums.get(name)
     if want is None:
         raise IndexFormatError(f"{gen_dir / META_FILE}: no checksum for {name}")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        why = "a symbolic link" if os.path.islink(path) else (exc.strerror or type(exc).__name__)
+        raise IndexFormatError(f"{path}: cannot be opened ({why})") from None
     copy_fd = None
     try:
         st = os.fstat(fd)
@@ -393,7 +372,7 @@ def load_current(index_dir: str | Path, load: Callable[[Path, dict], T]) -> T:
                                      "(run `stbir-infer enroll --images DIR` first)")
         try:
             gen_dir = index_dir / name
-            return load(gen_dir, read_meta(gen_dir))
+            return load(gen_dir, read_meta(gen_dir, gen_number(name)))
         except FileNotFoundError:
             attempts += 1
             if attempts >= _LOAD_ATTEMPTS or current_generation(index_dir) == name:
