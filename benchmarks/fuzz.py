@@ -27,7 +27,11 @@ above its resident memory when it started (Linux ``/proc/self/clear_refs`` reset
 each request; elsewhere only the process peak above the warmed-up baseline is measured, which
 bounds it too), per door, and the process's peak above the baseline.
 
-    python benchmarks/fuzz.py --cases 10000 [--seed 0] [--model EXPORT]
+    python benchmarks/fuzz.py --cases 10000 [--seed 0] [--model EXPORT] [--files 10000]
+
+``--files N`` also runs N crafted index cases and the crafted-graph cases of
+``benchmarks/fuzz_files.py`` (issue 26: index.bin, meta.json and ONNX outputs an attacker wrote,
+with their checksums recomputed); their counts are under ``files`` and ``graphs``.
 
 tests/infer/test_fuzz.py runs the same code at a small size.
 """
@@ -557,9 +561,27 @@ def run_in_child(export_dir: str | Path, n_cases: int, seed: int, *, enroll_ever
     return result
 
 
+def _graph_gallery(tmp: Path) -> tuple[Path, Path]:
+    """Three photos and a sketch for the graph cases."""
+    from PIL import Image
+
+    photos = tmp / "graph-photos"
+    photos.mkdir()
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (64, 64), colour).save(photos / f"{i}.png")
+    Image.new("L", (64, 64), 255).save(tmp / "graph-sketch.png")
+    return photos, tmp / "graph-sketch.png"
+
+
+def _files_clean(result: dict) -> bool:
+    return all(not r.get("aborted") and r["signals"] == 0 and r["tracebacks"] == 0
+               and r["wrong_answers"] == 0
+               for r in (result.get("files"), result.get("graphs")) if r is not None)
+
+
 def passed(result: dict) -> bool:
     peak = max(result["peak_mb"].values())
-    return (not result["crashed"] and not result.get("aborted") and result["tracebacks"] == 0
+    return (_files_clean(result) and not result["crashed"] and not result.get("aborted") and result["tracebacks"] == 0
             and result["http_500s"] == 0 and result["http_bad_json"] == 0
             and result["index_inconsistent"] == 0
             and result["enroll_failed"] == 0 and result["index_changed_by_query"] == 0
@@ -574,15 +596,22 @@ def main(argv=None) -> int:
     p.add_argument("--enroll-every", type=int, default=50, help="cases per enroll round")
     p.add_argument("--model", type=Path, default=None,
                    help="export dir (default: a random small one)")
+    p.add_argument("--files", type=int, default=0,
+                   help="crafted index cases (benchmarks/fuzz_files.py), and the graph cases")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fuzz.json")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common
+    import fuzz_files
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="stbir-fuzz-export-") as tmp:
         export = args.model or common.random_export("small", Path(tmp), quantize=False)[0]
         result = run_in_child(export, args.cases, args.seed, enroll_every=args.enroll_every)
+        if args.files:
+            result["files"] = fuzz_files.run_in_child(args.files, args.seed)
+            photos, sketch = _graph_gallery(Path(tmp))
+            result["graphs"] = fuzz_files.graph_cases(export, photos, sketch)
     result["seconds"] = round(time.time() - t0, 1)
     result["seed"] = args.seed
     given = argv if argv is not None else sys.argv[1:]

@@ -83,3 +83,33 @@ def test_the_index_check_sees_lost_changed_missing_and_extra_entries(fuzz, tmp_p
         assert any(word in p for p in problems), (word, problems)
     problems = fuzz.check_round(old, good, old, [a, b], {str(b)})
     assert any("reloaded" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def fuzz_files():
+    path = REPO / "benchmarks" / "fuzz_files.py"
+    spec = importlib.util.spec_from_file_location("stbir_bench_fuzz_files", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_crafted_index_files_are_refused_or_answer_right(fuzz_files):
+    """Issue 26: 300 checksum-consistent edits of index.bin and meta.json (every header field,
+    links, labels, vectors, every meta field), each loaded, searched, added to, saved and
+    reloaded in a child: no signal, no traceback, no wrong answer."""
+    r = fuzz_files.run_in_child(300, seed=0, timeout=600)
+    assert r["cases"] == 300 and not r.get("aborted"), r
+    assert r["signals"] == 0 and r["tracebacks"] == 0 and r["wrong_answers"] == 0, r["examples"]
+    assert r["refused"] > 200 and r["accepted"] > 0, r
+    assert any(k.startswith("header") for k in r["kinds"]) and "meta dim" in r["kinds"], r["kinds"]
+
+
+def test_crafted_graph_outputs_are_refused(fuzz, fuzz_files, export_dir, tmp_path):
+    """The combiner and the sketch encoder replaced by graphs of other output shapes or NaN."""
+    photos, sketch = fuzz._graph_gallery(tmp_path)
+    r = fuzz_files.graph_cases(export_dir, photos, sketch)
+    assert r["tracebacks"] == 0 and r["wrong_answers"] == 0, r["examples"]
+    assert r["cases"] == 18 and r["refused"] == 16 and r["accepted"] == 2, r
