@@ -25,6 +25,8 @@ def _report(report, as_json: bool) -> None:
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
+_yes_option = click.option("--yes", is_flag=True,
+                           help="Remove more than 100 photos, or all of an enrolled folder.")
 
 
 def register(main: click.Group, index_option, model_option) -> None:
@@ -33,21 +35,25 @@ def register(main: click.Group, index_option, model_option) -> None:
     @main.command()
     @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
     @index_option
+    @_yes_option
     @_json_option
-    def remove(paths, index_dir, as_json):
-        """Take photos (files, or every file under folders) out of the index for good."""
+    def remove(paths, index_dir, yes, as_json):
+        """Take photos (files, or every file under folders) out of the index for good. Lists
+        what it removes; more than 100 photos, or a whole enrolled folder, takes --yes."""
         from stbir_infer.lifecycle import remove as run
 
-        _report(run(index_dir, paths), as_json)
+        _report(run(index_dir, paths, yes=yes, echo=None if as_json else click.echo), as_json)
 
     @main.command()
     @index_option
+    @_yes_option
     @_json_option
-    def prune(index_dir, as_json):
-        """Drop entries whose files are gone (kept where their whole root is missing)."""
+    def prune(index_dir, yes, as_json):
+        """Drop entries whose files are gone (kept where their whole root is missing). Lists
+        what it drops; more than 100 photos, or a whole enrolled folder, takes --yes."""
         from stbir_infer.lifecycle import prune as run
 
-        _report(run(index_dir), as_json)
+        _report(run(index_dir, yes=yes, echo=None if as_json else click.echo), as_json)
 
     @main.command()
     @click.argument("old", metavar="OLD_ROOT")

@@ -152,6 +152,8 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
     tags = parse_tags(tags)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise EnrollError(f"batch size must be an integer >= 1, not {batch_size!r}")
+    if not os.fsdecode(images_dir).strip():  # Path("") is the current directory
+        raise EnrollError(f"an empty images path ({os.fsdecode(images_dir)!r}); give a folder")
     root = Path(images_dir).expanduser()
     if not root.is_dir():
         raise EnrollError(f"{images_dir}: images dir not found" if not root.exists()

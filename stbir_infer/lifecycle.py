@@ -36,6 +36,11 @@ from stbir_infer.roots import is_within
 REMOVED = "removed from the index (stbir-infer remove); enroll adds it again once it changes"
 
 
+# remove and prune take --yes to remove more than this many photos, or all of an enrolled folder
+CONFIRM_OVER = 100
+SHOWN = 50  # files listed by remove / prune before "... and N more"
+
+
 class _File(NamedTuple):  # what enroll_pipeline reads of a file
     path: str
 
@@ -99,8 +104,39 @@ def _editing(index_dir: str | Path, report: EditReport, threads: int | None = No
 
 def _candidates(path: str | os.PathLike) -> list[str]:
     """The absolute forms a user's path may have in the index (as given, and links resolved)."""
-    given = os.path.abspath(os.path.expanduser(os.fsdecode(path)))
+    given = os.path.abspath(os.path.expanduser(checked_path(path)))
     return list(dict.fromkeys([given, os.path.realpath(given)]))
+
+
+def checked_path(path: str | os.PathLike) -> str:
+    """``path`` as a string; an empty or whitespace-only one is an IndexEditError (``remove ""``
+    used to mean the current directory, and removed every photo under it)."""
+    text = os.fsdecode(path)
+    if not text.strip():
+        raise IndexEditError(f"an empty path ({text!r}) is not a file or folder; give one")
+    return text
+
+
+def _confirm(idx: GalleryIndex, targets: list[str], action: str, yes: bool, echo, limit: int
+             ) -> None:
+    """Show what ``action`` would remove (``echo``, one line a file, at most SHOWN of them) and
+    refuse, before anything is written, more than ``limit`` files or every file of a root
+    unless ``yes``."""
+    if echo is not None:
+        for path in targets[:SHOWN]:
+            echo(f"{action}: {display(path)}")
+        if len(targets) > SHOWN:
+            echo(f"{action}: ... and {len(targets) - SHOWN} more")
+    if yes or not targets:
+        return
+    chosen = set(targets)
+    whole = [r for r in idx.roots if any(is_within(p, r) for p in chosen)
+             and all(p in chosen for p in idx.files if is_within(p, r))]
+    if len(targets) > limit or whole:
+        why = (f"every photo of the enrolled folder {display(whole[0])}" if whole
+               else f"more than {limit} photos")
+        raise IndexEditError(f"{action} would remove {len(targets)} photo(s), {why}; nothing was "
+                             "removed (run it again with --yes to remove them)")
 
 
 def _under(sorted_paths: list[str], folder: str) -> Iterator[str]:
@@ -112,12 +148,15 @@ def _under(sorted_paths: list[str], folder: str) -> Iterator[str]:
         i += 1
 
 
-def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditReport:
+def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike], *, yes: bool = False,
+           echo=None, limit: int | None = None) -> EditReport:
     """Take files, or every file under folders, out of the index. A path the index holds no file
     at or under is an IndexEditError and nothing is removed. A removed file that still exists is
-    remembered (``REMOVED``), so enrolling its folder again does not bring it back unchanged."""
+    remembered (``REMOVED``), so enrolling its folder again does not bring it back unchanged.
+    ``echo`` is shown each file to remove; more than ``limit`` (``CONFIRM_OVER``) files, or every
+    file of an enrolled folder, takes ``yes``."""
     report = EditReport("remove")
-    paths = list(paths)
+    paths = [checked_path(p) for p in paths]
     if not paths:
         raise IndexEditError("remove: give at least one file or folder")
     with _editing(index_dir, report) as idx:
@@ -129,6 +168,7 @@ def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditRep
                 raise IndexEditError(f"{display(os.fsdecode(given))}: no file of the index is "
                                      "there (nothing was removed)")
             targets.update(dict.fromkeys(found))
+        _confirm(idx, list(targets), "remove", yes, echo, CONFIRM_OVER if limit is None else limit)
         for path in targets:
             idx.remove_file(path)
             try:
@@ -140,9 +180,11 @@ def remove(index_dir: str | Path, paths: Iterable[str | os.PathLike]) -> EditRep
     return report
 
 
-def prune(index_dir: str | Path) -> EditReport:
+def prune(index_dir: str | Path, *, yes: bool = False, echo=None,
+          limit: int | None = None) -> EditReport:
     """Drop the entries whose files are gone. Files under a root that is itself missing (a disk
-    not mounted, a folder moved: see ``relocate``) are kept and reported, not dropped."""
+    not mounted, a folder moved: see ``relocate``) are kept and reported, not dropped. ``echo``,
+    ``yes``, ``limit``: as for ``remove``."""
     report = EditReport("prune")
     with _editing(index_dir, report) as idx:
         report.missing_roots = [r for r in idx.roots if not os.path.isdir(r)]
@@ -158,12 +200,16 @@ def prune(index_dir: str | Path) -> EditReport:
             except OSError:  # no permission, I/O error: absence is not proven
                 return False
 
+        doomed = []
         for path in list(idx.files):
             state = gone(path)
             report.kept += state is None
             if state:
-                idx.remove_file(path)
-                report.removed += 1
+                doomed.append(path)
+        _confirm(idx, doomed, "prune", yes, echo, CONFIRM_OVER if limit is None else limit)
+        for path in doomed:
+            idx.remove_file(path)
+            report.removed += 1
         for path in [p for p in idx.skipped if gone(p)]:
             idx.forget_skipped(path)
     return report
@@ -174,7 +220,7 @@ def relocate(index_dir: str | Path, old: str | os.PathLike, new: str | os.PathLi
     copied there); entries keep their ids, tags and vectors. ``old`` holding no root is an
     IndexEditError."""
     report = EditReport("relocate")
-    new_abs = os.path.abspath(os.path.expanduser(os.fsdecode(new)))
+    new_abs = os.path.abspath(os.path.expanduser(checked_path(new)))
     if os.path.isdir(new_abs):
         new_abs = os.path.realpath(new_abs)  # as enroll records a root
     else:

@@ -170,19 +170,19 @@ class Searcher:
         self.reload()
         return report
 
-    def remove(self, paths):
+    def remove(self, paths, *, yes: bool = False):
         """Take files or folders out of the index (``stbir_infer.lifecycle.remove``)."""
         from stbir_infer.lifecycle import remove
 
-        report = remove(self.index_dir, paths)
+        report = remove(self.index_dir, paths, yes=yes)
         self.reload()
         return report
 
-    def prune(self):
+    def prune(self, *, yes: bool = False):
         """Drop entries whose files are gone (``stbir_infer.lifecycle.prune``)."""
         from stbir_infer.lifecycle import prune
 
-        report = prune(self.index_dir)
+        report = prune(self.index_dir, yes=yes)
         self.reload()
         return report
 
