@@ -37,9 +37,10 @@ import numpy as np
 from stbir_infer import enroll_pipeline as _pipe
 from stbir_infer import store
 from stbir_infer.encoders import Encoders
-from stbir_infer.errors import EnrollError, ParameterError
+from stbir_infer.errors import EnrollError, ExportDirError, ParameterError
 from stbir_infer.filters import parse_tags
 from stbir_infer.gallery import GalleryIndex, HnswParams
+from stbir_infer.lifecycle import REMOVED
 from stbir_infer.scan import ScanResult, hash_file, scan_tree
 
 PHASES = ("open", "scan", "drop_missing", "hash", "decode", "encode", "commit")
@@ -225,11 +226,17 @@ class _Enrollment:
                 continue
             skip = idx.skipped.get(path)
             if rec is None and skip and skip["size"] == st.st_size \
-                    and skip["mtime_ns"] == st.st_mtime_ns:
+                    and skip["mtime_ns"] == st.st_mtime_ns and self._still_skipped(skip):
                 report.skip(path, skip["reason"])
                 continue
             candidates.append(_Candidate(path, st.st_size, st.st_mtime_ns, rec is not None))
         return candidates
+
+    def _still_skipped(self, skip: dict) -> bool:
+        """A remembered skip holds while the export that judged it is the one enrolling (older
+        records, which carry no export, are tried once more); a removed file stays out."""
+        return skip.get("reason") == REMOVED or (
+            skip.get("export") is not None and skip.get("export") == self.idx.model.get("fingerprint"))
 
     # -- drop missing ---------------------------------------------------------------------------------
     def drop_missing(self, scanned: ScanResult) -> None:
@@ -314,8 +321,10 @@ class _Enrollment:
             if isinstance(result, np.ndarray):
                 arrays.append(result)
                 ready.append((sha, group))
+            elif isinstance(result, ExportDirError):  # the export cannot preprocess: exit 2
+                raise result
             elif result is not None:
-                self._reject(group, _pipe.reason(result))
+                self._reject(group, _pipe.reason(result), remember=_pipe.remembered(result))
         if not arrays:
             return
         t0 = time.perf_counter()
@@ -335,14 +344,18 @@ class _Enrollment:
         stages.encode += t1 - t0
         stages.index += time.perf_counter() - t1
 
-    def _reject(self, group: list[_Candidate], reason: str) -> None:
-        """Files whose content is not an image: skipped, remembered, out of the index."""
+    def _reject(self, group: list[_Candidate], reason: str, remember: bool = True) -> None:
+        """Files whose content is not an image: skipped, out of the index, and remembered with
+        the export that judged them (``remember`` False: a failure that may pass another time,
+        e.g. out of memory, is never remembered)."""
         for c in group:
             self.report.skip(c.path, reason)
             if c.was_indexed:
                 self.idx.remove_file(c.path)
                 self.report.removed += 1
-            self.idx.mark_skipped(c.path, c.size, c.mtime_ns, reason)
+            if remember:
+                self.idx.mark_skipped(c.path, c.size, c.mtime_ns, reason,
+                                      export=self.idx.model.get("fingerprint"))
 
 
 def _hashed(candidates: list[_Candidate], workers: int, chunk: int = 1024):

@@ -22,7 +22,6 @@ the wall time; encode, index and wait are the calling thread's.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections import deque
@@ -35,7 +34,7 @@ from PIL import Image
 
 from stbir_infer import preprocess as _pre
 from stbir_infer.errors import NonFiniteEmbeddingError
-from stbir_infer.scan import read_if_sha
+from stbir_infer.scan import opened_if_sha, stamp
 
 AHEAD = 2  # batches decoded ahead of the one being encoded
 
@@ -124,18 +123,24 @@ def _decode_chunk(chunk: Sequence, spec: dict) -> tuple[list, float, float]:
 def _read_and_decode(sha: str, group: list, channels: int, size: int):
     """(decoded image, or the exception saying why not, or None; files that changed since they
     were hashed). The first file of the group whose bytes still hash to ``sha`` is decoded from
-    those very bytes, so the vector always matches the content recorded for it. A bad file never
-    stops an enroll (e.g. ImageDecodeError)."""
+    that same open file, hashed as a stream (never read whole into memory); a write to it before
+    the decode is done (its ctime moves) makes it a changed file, so the vector always matches
+    the content recorded for it. A bad file never stops an enroll (e.g. ImageDecodeError)."""
     changed = []
     for c in group:
-        data = read_if_sha(c.path, sha)
-        if data is None:
-            changed.append(c)
-            continue
-        try:
-            return _pre.open_image(io.BytesIO(data), channels, target=size), changed
-        except Exception as exc:  # noqa: BLE001
-            return exc, changed
+        with opened_if_sha(c.path, sha) as (f, before):
+            if f is None:
+                changed.append(c)
+                continue
+            try:
+                img = _pre.open_image(f, channels, target=size)
+                same = stamp(os.fstat(f.fileno())) == before
+            except Exception as exc:  # noqa: BLE001
+                return exc, changed
+            if not same:
+                changed.append(c)
+                continue
+            return img, changed
     return None, changed
 
 
@@ -145,6 +150,13 @@ def encode(encoders, pixels: np.ndarray) -> tuple[np.ndarray, list[int]]:
         return encoders.encode_pixels("image", pixels), []
     except NonFiniteEmbeddingError as exc:
         return np.asarray(exc.vectors, np.float32), sorted(int(r) for r in exc.rows)
+
+
+def remembered(exc: Exception) -> bool:
+    """Whether a file that failed with ``exc`` is remembered as skipped (not read again while it
+    and the export are unchanged): only a file that is not a decodable image. Anything else (out
+    of memory, an I/O error, a bug) may pass another time, so the file is tried again."""
+    return isinstance(exc, _pre.ImageDecodeError) and not exc.transient
 
 
 def reason(exc: Exception) -> str:
@@ -157,4 +169,5 @@ def reason(exc: Exception) -> str:
     return msg.split(": ", 1)[-1] if ": " in msg else msg
 
 
-__all__ = ["AHEAD", "STAGES", "Stages", "decoded_batches", "default_workers", "encode", "reason"]
+__all__ = ["AHEAD", "STAGES", "Stages", "decoded_batches", "default_workers", "encode", "reason",
+           "remembered"]

@@ -62,7 +62,10 @@ class IndexEditError(StbirInferError):
 class ImageDecodeError(StbirInferError, ValueError):
     """A file that is not a readable image, or one too large to decode within the runtime's bounds
     (``stbir_infer.preprocess.MAX_PIXELS``). Still a ValueError, as it was before it joined this
-    family."""
+    family. ``transient``: it may decode another time (out of memory); enroll does not remember
+    such a file as skipped."""
+
+    transient = False
 
 
 class NonFiniteEmbeddingError(QueryError):

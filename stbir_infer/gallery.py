@@ -224,9 +224,12 @@ class GalleryIndex:
         self.unsaved += 1
         return True
 
-    def mark_skipped(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
-        """Remember a file that is not an image (not read again while size and mtime hold)."""
-        self.skipped[path] = {"size": int(size), "mtime_ns": int(mtime_ns), "reason": reason}
+    def mark_skipped(self, path: str, size: int, mtime_ns: int, reason: str,
+                     export: str | None = None) -> None:
+        """Remember a file that is not an image (not read again while size, mtime and, when
+        given, the ``export`` fingerprint that judged it hold)."""
+        rec = {"size": int(size), "mtime_ns": int(mtime_ns), "reason": reason}
+        self.skipped[path] = rec if export is None else {**rec, "export": export}
         self.unsaved += 1
 
     def forget_skipped(self, path: str) -> None:

@@ -35,7 +35,10 @@ Bounded work per image (sketches, photos, the web API and enroll all come throug
   the short side >= 2 x the target, and the EXIF orientation is applied to the reduced image. So
   no full-size copy is made: a 49 MP RGBA or 16-bit PNG costs its decoded pixels plus a few MB,
   not the 0.7 to 1.3 GB that the full-size conversions took. Like the JPEG draft, this changes
-  pixels slightly against the full path, so only images that large take it.
+  pixels slightly against the full path, so only images that large take it. A thin image of
+  that many pixels (short side under the rule: a 190 x 263,000 16-bit PNG) is converted in the
+  same bands without the reduce (the same pixels as the full path), so it costs its decoded
+  pixels plus its 8-bit result, not 1.3 GB of float64 copies.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from stbir_infer.errors import ImageDecodeError
+from stbir_infer.contract import MANIFEST
+from stbir_infer.errors import ExportDirError, ImageDecodeError
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -67,6 +71,9 @@ LEAN_PIXELS = 8_000_000
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _BAND_PIXELS = 1 << 20
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I", "F")
+# Modes whose full-size conversion costs several times the decoded image (16-bit and float via
+# float64, palette and alpha via RGBA): converted in bands above LEAN_PIXELS whatever the shape.
+_WIDE_MODES = (*_SIXTEEN_BIT, "P", "PA", "RGBA", "LA")
 _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
                  6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
@@ -127,8 +134,8 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
             _check_pixels(img, label)
         img.load()
         factor = _lean_factor(img, target)
-        if factor > 1:
-            return _reduce_in_bands(img, channels, factor)
+        if factor > 1 or (img.width * img.height > LEAN_PIXELS and img.mode in _WIDE_MODES):
+            return _reduce_in_bands(img, channels, factor)  # factor 1: converted in bands only
         img = ImageOps.exif_transpose(img) or img
         return _convert(img, channels)
     except ImageDecodeError:
@@ -136,7 +143,9 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{label}: refused, too many pixels ({_one_line(exc)})") from None
     except MemoryError:
-        raise ImageDecodeError(f"{label}: not enough memory to decode it") from None
+        exc = ImageDecodeError(f"{label}: not enough memory to decode it")
+        exc.transient = True
+        raise exc from None
     except Exception as exc:  # PIL raises several types for a bad or truncated file
         raise ImageDecodeError(f"{label}: not a readable image ({_one_line(exc)})") from None
 
@@ -195,7 +204,7 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
     elif mode == "shortest":
         img = _shortest_crop(img, spec)
     else:
-        raise ValueError(f"unsupported resize_mode {mode!r}")
+        raise ExportDirError(f"{MANIFEST}: unsupported resize_mode {str(mode)[:40]!r}")
     # Normalised in place on the fresh, contiguous H x W (x C) copy, channels last; the same
     # float32 operations on every value as (x / 255 - mean) / std, without the temporaries.
     arr = np.asarray(img).astype(np.float32)
@@ -214,6 +223,14 @@ def _mean_std(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
     return out
 
 
+def _resample(spec: dict):
+    name = spec.get("interpolation", "bicubic")
+    if not isinstance(name, str) or name not in _RESAMPLE:
+        raise ExportDirError(f"{MANIFEST}: interpolation {str(name)[:40]!r} is not one of "
+                             f"{', '.join(_RESAMPLE)}")
+    return _RESAMPLE[name]
+
+
 def _shortest_crop(img: Image.Image, spec: dict) -> Image.Image:
     """"shortest": the short side resized to ``size``, then the centre ``size`` square."""
     size = int(spec["size"])
@@ -222,7 +239,7 @@ def _shortest_crop(img: Image.Image, spec: dict) -> Image.Image:
     new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
-    resample = _RESAMPLE[spec.get("interpolation", "bicubic")]
+    resample = _resample(spec)
     if max(new_w, new_h) > MAX_INTERMEDIATE * size:
         # Resize only the part of the picture the centre crop keeps (in source coordinates).
         sx, sy = w / new_w, h / new_h
@@ -247,7 +264,7 @@ def _pad(img: Image.Image, spec: dict) -> Image.Image:
     s = size / max(w, h)
     new_w, new_h = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), _RESAMPLE[spec.get("interpolation", "bicubic")])
+        img = img.resize((new_w, new_h), _resample(spec))
     fill = pad_fill(spec)
     canvas = Image.new(img.mode, (size, size), fill[0] if img.mode == "L" else fill)
     canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,17 +116,38 @@ def hash_file(path: str) -> tuple[str, os.stat_result]:
     fd = open_regular(path)
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
-        h = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest(), st
+        return sha256_of(f), st
 
 
-def read_if_sha(path: str, sha: str) -> bytes | None:
-    """The file's bytes if they (still) hash to ``sha``; None if not, or if it cannot be read."""
+def sha256_of(f) -> str:
+    """sha256 of a file object's bytes from where it stands, read 1 MB at a time."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def stamp(st: os.stat_result) -> tuple:
+    """What any write to a file changes (a write always moves ctime)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+@contextmanager
+def opened_if_sha(path: str, sha: str):
+    """(the file, opened and at its start; its ``stamp`` before it was hashed) if its bytes
+    (still) hash to ``sha``; (None, None) if not, or if it cannot be read. Hashed as a stream,
+    never read whole into memory (a 2 GB file cost 2.26 GB when it was); a caller that reads it
+    again compares ``stamp`` afterwards: a write in between moves it."""
     try:
-        with os.fdopen(open_regular(path), "rb") as f:
-            data = f.read()
+        f = os.fdopen(open_regular(path), "rb")
     except OSError:
-        return None
-    return data if hashlib.sha256(data).hexdigest() == sha else None
+        yield None, None
+        return
+    with f:
+        try:
+            before = stamp(os.fstat(f.fileno()))
+            ok = sha256_of(f) == sha
+            f.seek(0)
+        except OSError:
+            ok = False
+        yield (f, before) if ok else (None, None)
