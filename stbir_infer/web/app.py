@@ -16,7 +16,9 @@ Routes::
                                 -> {"query": {...}, "results": [{rank, score, path, name, id,
                                     image, duplicates}], "took_ms": ...}
     GET  /api/image/<id>[?size=N]   a JPEG thumbnail (longest side N, 16..1024, default 256) of
-                                the enrolled image with that index label; anything else is a 404
+                                the enrolled image with that index label, while its file still
+                                holds the enrolled content; anything else is a 404; another
+                                site's page is refused (``web.thumbnails``)
 
 Images are addressed by index label, never by a path the client sends, so only files the index
 holds can be read. Paths in answers are display forms (``stbir_infer.paths.display``): a file name
@@ -27,7 +29,6 @@ rebinding); a POST whose Origin is another site is refused too (``requests.check
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -47,6 +48,7 @@ from stbir_infer.paths import display
 from stbir_infer.web.batcher import QueryBatcher
 from stbir_infer.web.requests import (DEFAULT_MAX_BODY, DEFAULT_MAX_TOP_K, MAX_TEXT_CHARS,
                                       HTTPError, Query, one_line, read_query)
+from stbir_infer.web.thumbnails import check_same_site, thumbnail
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 THUMB_DEFAULT, THUMB_MIN, THUMB_MAX = 256, 16, 1024
@@ -154,6 +156,7 @@ class App:
             return self.health()
         if path.startswith("/api/image/"):
             self._allow(method, "GET", "HEAD")
+            check_same_site(headers)  # an <img> on another site cannot make us decode
             return self.image(path[len("/api/image/"):], parse_qs(parts.query).get("size", [None])[-1],
                               headers.get("If-None-Match"))
         if path in ("/", "/index.html"):
@@ -274,36 +277,12 @@ class App:
             if body is not None:
                 self._thumbs.move_to_end(key)
         if body is None:
-            body = self._thumbnail(paths, size, label)
+            body = thumbnail(paths, sha, size, label)  # only a file that still holds ``sha``
             with self._thumbs_lock:
                 self._thumbs[key] = body
                 while len(self._thumbs) > THUMB_CACHE:
                     self._thumbs.popitem(last=False)
         return Response(200, body, "image/jpeg", headers)
-
-    @staticmethod
-    def _thumbnail(paths: list[str], size: int, label: str) -> bytes:
-        from PIL import ImageOps
-
-        for p in paths:  # the same content may sit at several paths; any readable one will do
-            try:
-                with Image.open(p) as im:
-                    im.draft("RGB", (size, size))  # JPEG: decode at reduced scale
-                    im = ImageOps.exif_transpose(im)
-                    im.thumbnail((size, size), Image.Resampling.LANCZOS)
-                    if im.mode in ("RGBA", "LA", "P") or "transparency" in im.info:
-                        rgba = im.convert("RGBA")
-                        im = Image.new("RGB", rgba.size, (255, 255, 255))
-                        im.paste(rgba, mask=rgba.getchannel("A"))
-                    else:
-                        im = im.convert("RGB")
-                    buf = io.BytesIO()
-                    im.save(buf, "JPEG", quality=85)
-                    return buf.getvalue()
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-                continue
-        raise HTTPError(404, f"image {label} is in the index but its file is gone or unreadable "
-                             "(run enroll again)")
 
 
 __all__ = ["App", "Response", "SECURITY_HEADERS", "STATIC_DIR", "ServeError", "error_response",

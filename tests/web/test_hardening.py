@@ -8,6 +8,7 @@ the real server and the real index.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -20,7 +21,17 @@ from web_helpers import FakeGallery, FakeSearcher, png_bytes
 from stbir_infer.web import App
 from stbir_infer.web.requests import MAX_TEXT_CHARS
 
-SHA_A, SHA_B = "a" * 64, "b" * 64
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+
+
+def _png(colour) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# The photos' real content hashes: a thumbnail is served only while the file still holds them.
+SHA_A, SHA_B = (hashlib.sha256(_png(c)).hexdigest() for c in (RED, BLUE))
 
 
 def call(app, body, *, ctype="application/json", headers=None, method="POST", target="/api/query"):
@@ -44,8 +55,8 @@ def assert_400(status, data, fragment=""):
 @pytest.fixture
 def photos(tmp_path):
     paths = {}
-    for name, colour in (("red.png", (220, 20, 20)), ("blue.png", (20, 20, 220))):
-        Image.new("RGB", (80, 60), colour).save(tmp_path / name)
+    for name, colour in (("red.png", RED), ("blue.png", BLUE)):
+        (tmp_path / name).write_bytes(_png(colour))
         paths[name] = str(tmp_path / name)
     return paths
 
