@@ -1,6 +1,8 @@
 """``stbir-infer serve``: a local web page and JSON API over one ``Searcher``.
 
     requests    request parsing: headers and body bytes -> a Query, or a 4xx HTTPError
+    multipart   multipart/form-data in one linear pass, with part and header caps
+    thumbnails  /api/image: bounded decodes of files that still hold their enrolled content
     app         the App: routes over a Searcher, independent of any server (App.handle)
     server      a WSGI adapter over App.handle, served by waitress (the `serve` extra), and serve()
 

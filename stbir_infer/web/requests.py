@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image, UnidentifiedImageError
 
 from stbir_infer.contract import QUERY_NEEDS_INPUT
+from stbir_infer.web import multipart
 
 DEFAULT_MAX_BODY = 10 << 20          # bytes of a request body (a photographed paper sketch fits)
 DEFAULT_MAX_TOP_K = 200
@@ -118,29 +119,19 @@ def check_origin(headers) -> None:
 # -- bodies -------------------------------------------------------------------------------------
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]]:
-    """multipart/form-data -> {field: (filename or None, bytes)} (email.parser: the stdlib's
-    MIME parser, which keeps binary parts byte-exact)."""
-    from email import policy
-    from email.parser import BytesParser
-
-    if "boundary=" not in content_type.lower():
-        raise HTTPError(400, "multipart body without a boundary")
+    """multipart/form-data -> {field: (filename or None, bytes)} (``web.multipart``: one linear
+    pass, at most ``multipart.MAX_PARTS`` parts, parts byte-exact)."""
     try:
-        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n"
-    except UnicodeEncodeError:
-        raise HTTPError(400, "bad Content-Type header") from None
-    msg = BytesParser(policy=policy.HTTP).parsebytes(head + body)
-    if not msg.is_multipart() or msg.defects:
-        raise HTTPError(400, "malformed multipart body")
+        parts = multipart.parse(body, content_type)
+    except multipart.MultipartError as exc:
+        raise HTTPError(400, str(exc)) from None
     fields: dict[str, tuple[str | None, bytes]] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
+    for name, filename, data in parts:
         if not name:
             raise HTTPError(400, "multipart part without a field name")
-        name = str(name)
         if name in fields:
             raise HTTPError(400, f"field {short_repr(name)} given twice")
-        fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+        fields[name] = (filename, data)
     return fields
 
 
