@@ -1,11 +1,17 @@
 """waitress, fitted to ``stbir-infer serve`` (imported only when the ``serve`` extra is installed).
 
-Two additions to waitress's own limits (thread pool, connection limit, idle timeout, header and
+Three additions to waitress's own limits (thread pool, connection limit, idle timeout, header and
 body size caps):
 
 * a deadline for a request's line and headers (``header_timeout``): waitress closes a connection
   idle for ``channel_timeout``, but a client that sends one header byte every few seconds is never
   idle; here the headers must be complete ``header_timeout`` seconds after their first byte;
+* under pressure (``pressure_share`` of ``connection_limit`` open, half by default) both
+  deadlines drop to ``pressure_timeout`` (1 s) and are checked every ``PRESSURE_CHECK_S``: slow
+  clients then hold a connection about a second, so they cannot keep the server at its limit
+  while normal clients wait in the listen backlog (200 slow sockets against the limit of 100
+  delayed queries by up to 20 s; ``benchmarks/slowloris.py``). waitress has no per-address cap,
+  and one would not help on loopback, where every client has the same address;
 * errors that waitress answers itself (413 body too large, 400 malformed or duplicate
   Content-Length, 431 headers too large) come as the same one-line JSON as the App's.
 """
@@ -22,6 +28,8 @@ from waitress.task import ErrorTask
 
 from stbir_infer.web.app import SECURITY_HEADERS
 from stbir_infer.web.requests import one_line
+
+PRESSURE_CHECK_S = 0.05  # how often the deadlines are checked under pressure
 
 
 class JsonErrorTask(ErrorTask):
@@ -61,21 +69,37 @@ class Channel(HTTPChannel):
 
 
 class Server(TcpWSGIServer):
-    """waitress's TCP server on an already bound socket, with the header deadline."""
+    """waitress's TCP server on an already bound socket, with the header deadline, shortened
+    under pressure (see the module docstring)."""
 
     channel_class = Channel
 
-    def __init__(self, wsgi_app, sock, *, header_timeout: float, body_limit: int, **adjustments):
+    def __init__(self, wsgi_app, sock, *, header_timeout: float, body_limit: int,
+                 pressure_share: float = 0.5, pressure_timeout: float = 0.5, **adjustments):
         self.header_timeout = float(header_timeout)
         self.body_limit = int(body_limit)
         self.closed_by_timeout = 0  # connections this server closed as idle or too slow
         adj = Adjustments(sockets=[sock], **adjustments)
+        self.pressure_at = max(1, int(adj.connection_limit * pressure_share))
+        self.pressure_timeout = min(float(pressure_timeout), self.header_timeout)
+        self._next_pressure_check = 0.0
         super().__init__(wsgi_app, map={}, _sock=sock, bind_socket=False, adj=adj,
                          sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
 
+    def under_pressure(self) -> bool:
+        return len(self.active_channels) >= self.pressure_at
+
+    def readable(self):
+        now = time.time()
+        if now >= self._next_pressure_check and self.under_pressure():
+            self._next_pressure_check = now + PRESSURE_CHECK_S
+            self.maintenance(now)
+        return super().readable()
+
     def maintenance(self, now):
-        idle_cutoff = now - self.adj.channel_timeout
-        head_cutoff = now - self.header_timeout
+        pressed = self.under_pressure()
+        idle_cutoff = now - (self.pressure_timeout if pressed else self.adj.channel_timeout)
+        head_cutoff = now - (self.pressure_timeout if pressed else self.header_timeout)
         for channel in list(self.active_channels.values()):
             if channel.requests or channel.will_close:
                 continue  # a request is being answered: the app's own time, not the client's

@@ -9,6 +9,7 @@ threads, so slow or idle clients cost a socket, never a thread. The limits, all 
     backlog          the listen backlog (http.server's 5 made 8 simultaneous clients stall 1 s)
     channel_timeout  seconds a connection may sit idle before the server closes it
     header_timeout   seconds a request's line and headers may take from their first byte
+                     (under pressure, half the connection limit open: both timeouts 0.5 s)
     body limit       the App's ``max_body``: a larger Content-Length is a 413 before the body is read
 
     from stbir_infer.searcher import Searcher
