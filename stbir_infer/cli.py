@@ -24,6 +24,7 @@ from stbir_infer.cli_errors import OneLineErrors
 from stbir_infer.cli_index import register as register_index_commands
 from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M
 from stbir_infer.errors import ImageDecodeError, QueryError, StbirInferError
+from stbir_infer.index_meta import MAX_EF
 from stbir_infer.session import DEFAULT_PROVIDER
 
 PROG = "stbir-infer"
@@ -81,9 +82,9 @@ def main():
               help="Images per encoder call.")
 @click.option("--hnsw-m", "M", type=click.IntRange(min=2, max=512), default=None,
               help=f"HNSW M for a new index [default: {HNSW_M}].")
-@click.option("--ef-construction", type=click.IntRange(min=1), default=None,
+@click.option("--ef-construction", type=click.IntRange(min=1, max=MAX_EF), default=None,
               help=f"HNSW ef_construction for a new index [default: {HNSW_EF_CONSTRUCTION}].")
-@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+@click.option("--ef-search", type=click.IntRange(min=1, max=MAX_EF), default=None,
               help=f"Store this query-time ef as the index's default [default: {HNSW_EF_SEARCH}].")
 @_runtime_options
 @click.option("--follow-external-links", is_flag=True,
@@ -130,7 +131,7 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
 @click.option("--json", "as_json", is_flag=True, help="JSON output for scripts.")
 @_model_option
 @_index_option
-@click.option("--ef-search", type=click.IntRange(min=1), default=None,
+@click.option("--ef-search", type=click.IntRange(min=1, max=MAX_EF), default=None,
               help="HNSW search breadth for this query [default: the index's].")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None,
               help="Also write a contact sheet PNG: the sketch, the caption and the top hits.")
@@ -195,6 +196,8 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
         return
     if not hits and floor is not None:
         click.echo(f"no match above {floor:.4f}")
+    elif not hits and where:
+        click.echo("no results: no entry of the index matches --where", err=True)
     elif not hits:
         click.echo("no results: the index is empty", err=True)
     for h in hits:

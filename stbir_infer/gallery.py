@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from stbir_infer import filters, hnsw_file, roots, store
+from stbir_infer import filters, hnsw_file, index_meta, roots, store
 from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, embedding_space
 from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError, QueryError
 
@@ -46,8 +46,8 @@ class HnswParams:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ParameterError(f"HNSW {name} must be an integer >= {lo}, not {v!r}")
-        if self.M > 512:
-            raise ParameterError(f"HNSW M must be <= 512, not {self.M}")
+        if self.M > 512 or max(self.ef_construction, self.ef_search) > index_meta.MAX_EF:
+            raise ParameterError(f"HNSW M must be <= 512 and ef <= {index_meta.MAX_EF}")
 
     @classmethod
     def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> "HnswParams":

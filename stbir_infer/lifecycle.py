@@ -223,6 +223,8 @@ def relocate(index_dir: str | Path, old: str | os.PathLike, new: str | os.PathLi
     new_abs = os.path.abspath(os.path.expanduser(checked_path(new)))
     if os.path.isdir(new_abs):
         new_abs = os.path.realpath(new_abs)  # as enroll records a root
+    elif os.path.lexists(new_abs):
+        raise IndexEditError(f"{display(new_abs)}: exists and is not a folder (nothing was moved)")
     else:
         report.notes.append(f"{new_abs} does not exist (yet): enroll and prune need it there")
     with _editing(index_dir, report) as idx:

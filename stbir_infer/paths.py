@@ -12,9 +12,10 @@ import base64
 import os
 import re
 
-# C0/C1 controls, DEL, and line/paragraph separators: they would move a terminal's cursor,
-# recolour it, or split one record into two lines.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0/C1 controls, DEL, line/paragraph separators and the bidirectional controls: they would
+# move a terminal's cursor, recolour it, split one record into two lines, or show a name
+# reversed (U+202E makes "gpj.exe" read "exe.jpg").
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def display(path: str | os.PathLike) -> str:

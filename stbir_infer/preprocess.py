@@ -43,6 +43,8 @@ Bounded work per image (sketches, photos, the web API and enroll all come throug
 
 from __future__ import annotations
 
+import os
+import stat
 from functools import lru_cache
 from pathlib import Path
 
@@ -51,6 +53,11 @@ from PIL import Image, ImageFile, ImageOps
 
 from stbir_infer.contract import MANIFEST
 from stbir_infer.errors import ExportDirError, ImageDecodeError
+
+class SpecError(ExportDirError, ValueError):
+    """An input spec this runtime cannot follow (an export's ``preprocess``): exit 2, and enroll
+    stops instead of skipping every photo. Still a ValueError, as it was."""
+
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -80,7 +87,7 @@ _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_1
                  8: Image.Transpose.ROTATE_90}
 
 __all__ = ["DRAFT_FACTOR", "IMAGE_EXTENSIONS", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE",
-           "MAX_PIXELS", "load", "open_image", "pad_fill", "preprocess"]
+           "MAX_PIXELS", "SpecError", "load", "open_image", "pad_fill", "preprocess"]
 
 
 def _label(source) -> str:
@@ -93,6 +100,16 @@ def _label(source) -> str:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0][:200] if text else type(exc).__name__)
+
+
+def _open_regular(path):
+    """``path`` opened for reading if it is a regular file: O_NONBLOCK, so a FIFO given as a
+    sketch cannot hang a query or a batch, and a device is refused."""
+    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ImageDecodeError("not a regular file")
+    return f
 
 
 def _check_pixels(img: Image.Image, label: str) -> None:
@@ -123,6 +140,13 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
     Raises ImageDecodeError (one line) for an unreadable, truncated or oversized image.
     """
     label = _label(source)
+    if isinstance(source, (str, Path)):
+        try:
+            f = _open_regular(source)
+        except (OSError, ImageDecodeError) as exc:
+            raise ImageDecodeError(f"{label}: not a readable image ({_one_line(exc)})") from None
+        with f:
+            return open_image(f, channels, target=target)
     try:
         if isinstance(source, Image.Image):
             img = source
@@ -204,7 +228,7 @@ def preprocess(img: Image.Image, spec: dict) -> np.ndarray:
     elif mode == "shortest":
         img = _shortest_crop(img, spec)
     else:
-        raise ExportDirError(f"{MANIFEST}: unsupported resize_mode {str(mode)[:40]!r}")
+        raise SpecError(f"{MANIFEST}: unsupported resize_mode {str(mode)[:40]!r}")
     # Normalised in place on the fresh, contiguous H x W (x C) copy, channels last; the same
     # float32 operations on every value as (x / 255 - mean) / std, without the temporaries.
     arr = np.asarray(img).astype(np.float32)
@@ -226,7 +250,7 @@ def _mean_std(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
 def _resample(spec: dict):
     name = spec.get("interpolation", "bicubic")
     if not isinstance(name, str) or name not in _RESAMPLE:
-        raise ExportDirError(f"{MANIFEST}: interpolation {str(name)[:40]!r} is not one of "
+        raise SpecError(f"{MANIFEST}: interpolation {str(name)[:40]!r} is not one of "
                              f"{', '.join(_RESAMPLE)}")
     return _RESAMPLE[name]
 

@@ -27,6 +27,7 @@ from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoun
 from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
+from stbir_infer.index_meta import MAX_EF
 from stbir_infer.paths import display, path_bytes_b64
 from stbir_infer.session import DEFAULT_PROVIDER
 
@@ -103,6 +104,8 @@ class Searcher:
                  provider: str = DEFAULT_PROVIDER):
         self.threads = _check_positive("threads", threads)
         self.ef_search = _check_positive("ef_search", ef_search)
+        if (self.ef_search or 0) > MAX_EF:  # hnswlib's set_ef overflowed on 1e23
+            raise ParameterError(f"ef_search must be at most {MAX_EF}, not {self.ef_search}")
         self._M = M
         self._ef_construction = ef_construction
         if M is not None or ef_construction is not None:  # validate early

@@ -45,6 +45,8 @@ def export_vectors(index_dir: str | Path, out_dir: str | Path) -> dict:
     """Write the live generation's vectors and entries to ``out_dir`` (which must not exist, or
     be an empty dir); returns the manifest."""
     out_dir = Path(out_dir).expanduser()
+    if out_dir.is_symlink():  # rmdir / replace below would act on the link, not the folder
+        raise IndexEditError(f"{display(out_dir)}: is a symbolic link; give a new or empty folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise IndexEditError(f"{display(out_dir)}: exists and is not an empty dir")
     idx = GalleryIndex.load(Path(index_dir).expanduser())
