@@ -2,9 +2,9 @@
 
 from models.checkpoint import load_model, read_checkpoint, save_checkpoint
 from models.errors import CheckpointError, ModelError, StbirModelError
-from models.model import (BRANCHES, PRESETS, STAGE_TARGETS, ModelSpec, STBIRModel, build_model,
-                          eot_position, fuse)
+from models.model import BRANCHES, STAGE_TARGETS, STBIRModel, build_model, eot_position, fuse
 from models.scoped import offline_hub, open_clip_scope, quiet_logs
+from models.spec import PRESETS, ModelSpec
 
 __all__ = [
     "BRANCHES", "PRESETS", "STAGE_TARGETS", "CheckpointError", "ModelError", "ModelSpec",

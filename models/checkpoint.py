@@ -1,7 +1,8 @@
 """Checkpoint format: one ``torch.save`` dict, written atomically (temp file + rename).
 
 Keys: ``format`` ("stbir-checkpoint"), ``format_version``, ``model_spec`` (ModelSpec as a dict),
-``model`` (state dict), ``config`` (the full training config), and training state where there is
+``model`` (state dict), ``config`` (the full training config), ``text_model_files`` (with a Hugging
+Face text tower: its config.json and tokenizer.json as text), and training state where there is
 one: ``optimizer``, ``stage_index``, ``epoch`` (epochs done in that stage), ``metrics``.
 
 Everything in it is tensors and plain data, so it is read with ``weights_only=True``: a file
@@ -26,6 +27,8 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | Path, model: STBIRModel, **state) -> Path:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
                "model_spec": model.spec.to_dict(), "model": model.state_dict(), **state}
+    if model.text_files is not None:  # the HF text tower's config and tokenizer (models.hf_text)
+        payload["text_model_files"] = model.text_files
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -56,7 +59,11 @@ def load_model(path: str | Path) -> tuple[STBIRModel, dict]:
     """Rebuild the model from a checkpoint (no pretrained download: the weights are in it)."""
     ckpt = read_checkpoint(path)
     spec = ModelSpec.from_dict({**ckpt["model_spec"], "pretrained": None, "sketch_pretrained": None})
-    model = build_model(spec)
+    text_files = ckpt.get("text_model_files")
+    if spec.text_model and not isinstance(text_files, dict):
+        raise CheckpointError(f"{path}: its text tower is a Hugging Face model, but the "
+                              "checkpoint lacks that model's config and tokenizer")
+    model = build_model(spec, text_files if spec.text_model else None)
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt

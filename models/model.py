@@ -11,75 +11,27 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import hf_text
 from models.causal_text import run_blocks
 from models.combiner import Combiner
 from models.errors import ModelError
 from models.scoped import open_clip_scope
-from models.weights import load_clip_weights, read_state_dict, strip_module
+from models.spec import TRUNK_IMAGE_NORM, ModelSpec
+from models.towers import ArcFaceHead, SketchEncoder
+from models.weights import load_clip_weights
 from stbir_infer.contract import BRANCHES, QUERY_NEEDS_INPUT
+from stbir_infer.hf_tokenizer import HFTokenizer
 
 STAGE_TARGETS = BRANCHES + ("all", "combiner")  # combiner: only the learned fusion learns
 _CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass
-class ModelSpec:
-    """Everything needed to rebuild the network; stored in every checkpoint."""
-
-    clip_model: str = "stbir-small"
-    pretrained: str | None = None  # null, an open_clip tag, or a local weights file
-    sketch_backbone: str = "resnet18"
-    sketch_pretrained: str | None = None  # null or a local torchvision state-dict file
-    sketch_size: int = 64
-    fusion_weight: float = 0.5  # weight of the sketch vector in a sketch+text query
-    arcface_classes: int = 0  # set by training from the data; 0 = no head
-    arcface_scale: float = 30.0
-    arcface_margin: float = 0.3
-    quick_gelu: bool = False  # QuickGELU activations (what OpenAI-format CLIP weights need)
-    # How each pixel branch fits an image to its square: "shortest" (centre crop) or "pad"
-    # (letterbox: white for sketches, the normalisation mean for photos); README, issue 15.
-    sketch_resize: str = "shortest"
-    image_resize: str = "shortest"
-    combiner: bool = False  # a learned query fusion (models/combiner.py) besides the weighted mean
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# Presets are data: a named set of ModelSpec fields. "seed" is the seed's size (ViT-B-32 towers,
-# resnet50 sketch tower, 512-d); "small" trains on two CPU cores in minutes.
-PRESETS: dict[str, dict] = {
-    "small": dict(clip_model="stbir-small", sketch_backbone="resnet18", sketch_size=64),
-    "seed": dict(clip_model="ViT-B-32", sketch_backbone="resnet50", sketch_size=224),
-    # MobileNetV2 in both visual towers (timm's mobilenetv2_100 behind open_clip's image tower,
-    # torchvision's for sketches): both can start from ImageNet weights (torchvision format).
-    "edge": dict(clip_model="stbir-edge", sketch_backbone="mobilenet_v2", sketch_size=96),
-    # A distillation teacher (issue 17): the edge towers at 160 px and a 4-layer 256-wide text
-    # tower; 3 epochs from ImageNet weights take about 8 minutes on two cores (README).
-    "medium": dict(clip_model="stbir-medium", sketch_backbone="mobilenet_v2", sketch_size=160),
-    # A distillation student (stbir-train distill): the edge preset's MobileNetV2 towers at
-    # 48 px (a quarter of the pixels; they take the same ImageNet weights) and one text layer.
-    "tiny": dict(clip_model="stbir-tiny", sketch_backbone="mobilenet_v2", sketch_size=48),
-}
-
-# Image normalisation a timm image trunk's pretrained weights expect, where it is not open_clip's
-# default (the MobileNetV2 ImageNet weights take inputs in [-1, 1]).
-TRUNK_IMAGE_NORM: dict[str, tuple[list[float], list[float]]] = {
-    "mobilenetv2_100": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
-}
 
 
 def _open_clip():
@@ -91,71 +43,6 @@ def _open_clip():
     if "stbir-small" not in open_clip.list_models():
         open_clip.add_model_config(_CONFIG_DIR)
     return open_clip
-
-
-class SketchEncoder(nn.Module):
-    """A torchvision CNN on one-channel sketches, projected into the shared space."""
-
-    SUPPORTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
-                 "mobilenet_v3_large")
-
-    def __init__(self, backbone: str, embed_dim: int, weights_file: str | None = None):
-        super().__init__()
-        import torchvision
-
-        if backbone not in self.SUPPORTED:
-            raise ModelError(f"sketch_backbone {backbone!r} is not one of {', '.join(self.SUPPORTED)}")
-        net = getattr(torchvision.models, backbone)(weights=None)
-        if weights_file:
-            net.load_state_dict(_load_weights_file(weights_file, "sketch_pretrained"))
-        if backbone.startswith("resnet"):
-            conv = net.conv1
-            net.conv1 = _to_one_channel(conv)
-            width = net.fc.in_features
-            net.fc = nn.Identity()
-        else:
-            conv = net.features[0][0]
-            net.features[0][0] = _to_one_channel(conv)
-            width = next(m for m in net.classifier if isinstance(m, nn.Linear)).in_features
-            net.classifier = nn.Identity()
-        self.backbone = net
-        self.proj = nn.Linear(width, embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))
-
-
-def _to_one_channel(conv: nn.Conv2d) -> nn.Conv2d:
-    """Sketches are grayscale: sum an RGB stem's filters over colour (exact for gray input)."""
-    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    bias=conv.bias is not None)
-    with torch.no_grad():
-        new.weight.copy_(conv.weight.sum(1, keepdim=True))
-        if conv.bias is not None:
-            new.bias.copy_(conv.bias)
-    return new
-
-
-def _load_weights_file(path: str, key: str) -> dict:
-    sd = read_state_dict(path, key)
-    sd = sd["state_dict"] if isinstance(sd.get("state_dict"), dict) else sd
-    return strip_module(sd)
-
-
-class ArcFaceHead(nn.Module):
-    """Additive angular margin classifier (Deng et al. 2019) over unit embeddings."""
-
-    def __init__(self, embed_dim: int, num_classes: int, scale: float, margin: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, embed_dim) * 0.01)
-        self.scale, self.margin = scale, margin
-
-    def logits(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(emb, dim=-1), F.normalize(self.weight, dim=-1)).clamp(-1, 1)
-        theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-        target = torch.cos(theta + self.margin)
-        onehot = F.one_hot(labels, cos.shape[1]).bool()
-        return self.scale * torch.where(onehot, target, cos)
 
 
 def fuse(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float | torch.Tensor):
@@ -173,22 +60,37 @@ def fuse(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float |
 
 
 class STBIRModel(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, text_files: dict[str, str] | None = None):
+        """``text_files``: a checkpoint's copy of the HF text model's files (``spec.text_model``
+        is then not read: the weights come from the checkpoint)."""
         super().__init__()
         self.spec = spec
         open_clip = _open_clip()
         if spec.clip_model not in open_clip.list_models():
             raise ModelError(f"clip_model {spec.clip_model!r} is not an open_clip architecture")
+        self.text_files = None
         with open_clip_scope():  # it warns that random init has no weights: they come next
-            self.clip = open_clip.create_model(spec.clip_model, pretrained=None,
-                                               force_quick_gelu=spec.quick_gelu)
+            if spec.text_model:
+                self.clip = self._build_hf_clip(open_clip, text_files)
+            else:
+                if (spec.image_size, spec.image_proj) != (None, None):
+                    raise ModelError("model.image_size / image_proj are for a text_model preset; "
+                                     "other architectures take them from their open_clip config")
+                self.clip = open_clip.create_model(spec.clip_model, pretrained=None,
+                                                   force_quick_gelu=spec.quick_gelu)
         if spec.pretrained:
             _load_clip_weights(self.clip, spec.clip_model, spec.pretrained,
                                spec.quick_gelu or bool((open_clip.get_model_config(
                                    spec.clip_model) or {}).get("quick_gelu")))
         self.clip.logit_scale.requires_grad_(False)  # training uses the config's temperature
-        self.embed_dim = int(self.clip.text_projection.shape[1])
-        self.context_length = int(self.clip.context_length)
+        if self.text_files is not None:
+            self.embed_dim = int(self.clip.text.output_dim)
+            self.context_length = int(spec.text_context_length)
+        else:
+            if spec.text_unlocked_layers != -1:
+                raise ModelError("model.text_unlocked_layers is for a text_model (HF) text tower")
+            self.embed_dim = int(self.clip.text_projection.shape[1])
+            self.context_length = int(self.clip.context_length)
         self.sketch = SketchEncoder(spec.sketch_backbone, self.embed_dim, spec.sketch_pretrained)
         self.register_buffer("fusion_weight", torch.tensor(float(spec.fusion_weight)))
         self.combiner = (Combiner(self.embed_dim, spec.fusion_weight) if spec.combiner else None)
@@ -197,15 +99,61 @@ class STBIRModel(nn.Module):
         self.stage = "all"
         self._input_specs = self._build_input_specs()
 
+    def _build_hf_clip(self, open_clip, text_files: dict[str, str] | None):
+        spec = self.spec
+        arch = copy.deepcopy(open_clip.get_model_config(spec.clip_model))
+        vision = arch["vision_cfg"]
+        if spec.image_size is not None:
+            vision["image_size"] = int(spec.image_size)
+        if spec.image_proj is not None:
+            if "timm_model_name" not in vision or spec.image_proj not in hf_text.PROJECTIONS:
+                raise ModelError(f"image_proj {spec.image_proj!r}: linear or mlp, for a timm trunk")
+            vision["timm_proj"] = spec.image_proj
+        if spec.text_context_length < 2:
+            raise ModelError(f"text_context_length must be >= 2, got {spec.text_context_length}")
+        weights_dir = None
+        if text_files is None:
+            text_files = hf_text.read_text_model(spec.text_model)
+            weights_dir = str(Path(spec.text_model).expanduser())
+        self.text_files = dict(text_files)
+        return hf_text.build_clip(arch, self.text_files, weights_dir=weights_dir,
+                                  proj=spec.text_proj, context_length=spec.text_context_length)
+
     # -- branches -----------------------------------------------------------------------------
+    @property
+    def hf_text(self) -> bool:
+        """Whether the text tower is a Hugging Face encoder (``spec.text_model``)."""
+        return self.text_files is not None
+
     def branch_modules(self, branch: str) -> list[nn.Module | nn.Parameter]:
         c = self.clip
-        return {
-            "sketch": [self.sketch],
-            "image": [c.visual],
-            "text": [c.token_embedding, c.positional_embedding, c.transformer, c.ln_final,
-                     c.text_projection],
-        }[branch]
+        text = ([c.text] if self.hf_text else
+                [c.token_embedding, c.positional_embedding, c.transformer, c.ln_final,
+                 c.text_projection])
+        return {"sketch": [self.sketch], "image": [c.visual], "text": text}[branch]
+
+    def _trunk_parameters(self) -> list[nn.Parameter]:
+        """Pretrained tower layers that learn at ``trunk_lr_scale`` (not the fresh heads)."""
+        out = list(self.sketch.backbone.parameters())
+        trunk = getattr(self.clip.visual, "trunk", None)
+        out += list(trunk.parameters()) if trunk is not None else []
+        return out + (hf_text.trunk_parameters(self.clip.text) if self.hf_text else [])
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The trainable parameters as optimiser groups: the heads and fresh layers at ``lr``
+        (first), pretrained layers at ``lr`` x ``trunk_lr_scale``; each group's ``lr_scale``
+        says which. One group when the scale is 1 (as checkpoints before the scale have)."""
+        learning = [p for p in self.parameters() if p.requires_grad]
+        scale = float(self.spec.trunk_lr_scale)
+        if scale == 1.0:
+            return [{"params": learning, "lr": lr, "lr_scale": 1.0}]
+        trunk = {id(p) for p in self._trunk_parameters()}
+        groups = [{"params": [p for p in learning if id(p) not in trunk], "lr_scale": 1.0},
+                  {"params": [p for p in learning if id(p) in trunk], "lr_scale": scale}]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+        return groups
 
     def branch_parameters(self, branch: str) -> list[nn.Parameter]:
         out = []
@@ -223,6 +171,10 @@ class STBIRModel(nn.Module):
             on = target in (branch, "all")
             for p in self.branch_parameters(branch):
                 p.requires_grad_(on)
+        if target in ("text", "all") and self.spec.text_unlocked_layers >= 0:
+            hf_text.lock(self.clip.text, self.spec.text_unlocked_layers)
+        if target in ("image", "all") and self.spec.image_unlocked_layers >= 0:
+            self.clip.visual.lock(unlocked_groups=self.spec.image_unlocked_layers)
         if self.combiner is not None:  # learns in its own stage and jointly with "all"
             self.combiner.requires_grad_(target in ("combiner", "all"))
         self.train(self.training)
@@ -236,6 +188,12 @@ class STBIRModel(nn.Module):
                         m.eval()
         if self.combiner is not None and self.stage not in ("combiner", "all"):
             self.combiner.eval()
+        if self.spec.image_unlocked_layers >= 0:  # small batches: keep ImageNet's statistics
+            for m in self.clip.visual.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        if self.hf_text and self.spec.text_unlocked_layers == 0:  # a locked tower: no dropout
+            self.clip.text.transformer.eval()
         return self
 
     # -- encoders ------------------------------------------------------------------------------
@@ -246,8 +204,15 @@ class STBIRModel(nn.Module):
         return F.normalize(self.clip.encode_image(x), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.hf_text:
+            return hf_text.encode(self.clip.text, tokens)
         emb = self.clip.token_embedding(tokens)
         return self.encode_text_embeddings(emb, eot_position(tokens))
+
+    @property
+    def token_table(self) -> torch.Tensor:
+        """The vocabulary table the export detaches (token_embedding.npy)."""
+        return hf_text.word_embeddings(self.clip.text) if self.hf_text else self.clip.token_embedding.weight
 
     def encode_text_embeddings(self, emb: torch.Tensor, eot: torch.Tensor, *,
                                traceable: bool = False) -> torch.Tensor:
@@ -270,9 +235,12 @@ class STBIRModel(nn.Module):
         x = c.text_projection(x) if isinstance(c.text_projection, nn.Linear) else x @ c.text_projection
         return F.normalize(x, dim=-1)
 
-    def encode_text_graph(self, emb: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
-        """What the exported text graph computes (export verifies it against ``encode_text``)."""
-        return self.encode_text_embeddings(emb, eot, traceable=True)
+    def encode_text_graph(self, emb: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """What the exported text graph computes (export verifies it against ``encode_text``):
+        token rows and the end-of-text positions, or for an HF tower the attention mask."""
+        if self.hf_text:
+            return hf_text.encode_embeddings(self.clip.text, emb, second)
+        return self.encode_text_embeddings(emb, second, traceable=True)
 
     def fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
         """The training fusion: the Combiner where the model has one, else the weighted mean
@@ -325,7 +293,25 @@ class STBIRModel(nn.Module):
         return {"image": image, "sketch": sketch}
 
     def tokenizer(self):
+        """Texts -> int64 id tensors [B, context_length]: open_clip's, or for an HF tower the
+        runtime's own (``stbir_infer.hf_tokenizer``) over the model's tokenizer.json."""
+        if self.hf_text:
+            config = json.loads(self.text_files["config.json"])
+            tok = HFTokenizer(self.text_files["tokenizer.json"], context_length=self.context_length,
+                              pad_token_id=config.get("pad_token_id", 0))
+            return TorchIds(tok)
         return _open_clip().get_tokenizer(self.spec.clip_model)
+
+
+class TorchIds:
+    """A numpy tokenizer that returns torch tensors (what training and export take)."""
+
+    def __init__(self, tokenizer):
+        self.inner = tokenizer
+        self.context_length = tokenizer.context_length
+
+    def __call__(self, texts) -> torch.Tensor:
+        return torch.from_numpy(self.inner(texts))
 
 
 def eot_position(tokens: torch.Tensor) -> torch.Tensor:
@@ -374,7 +360,7 @@ def _safe_load_checkpoint(open_clip, clip: nn.Module, file: str) -> None:
     clip.load_state_dict(sd)
 
 
-def build_model(spec: ModelSpec | dict) -> STBIRModel:
+def build_model(spec: ModelSpec | dict, text_files: dict[str, str] | None = None) -> STBIRModel:
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
-    return STBIRModel(spec)
+    return STBIRModel(spec, text_files)

@@ -150,7 +150,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
            verify: bool, batch: int, log, fusion: str = "auto", threshold_far: float = 1e-3,
            calibration: quantization.Calibration | None = None) -> dict:
-    np.save(tmp / TOKEN_EMBEDDING, model.clip.token_embedding.weight.detach().float().numpy())
+    np.save(tmp / TOKEN_EMBEDDING, model.token_table.detach().float().numpy())
     table = np.load(tmp / TOKEN_EMBEDDING, allow_pickle=False)  # verification uses what ships
     tokenizer = write_tokenizer(model, tmp)
     if table.shape[0] != tokenizer["vocab_size"]:

@@ -37,14 +37,19 @@ class _Encoder(nn.Module):
         return getattr(self.model, self.method)(*inputs)
 
 
-def input_names(encoder: str) -> list[str]:
-    return ["token_embeddings", "eot_position"] if encoder == "text" else ["pixels"]
+def input_names(model, encoder: str) -> list[str]:
+    return [i["name"] for i in input_specs(model, encoder)]
 
 
 def input_specs(model, encoder: str) -> list[dict]:
-    """The `inputs` entries of export.json ("batch" is the dynamic axis)."""
+    """The `inputs` entries of export.json ("batch" is the dynamic axis; the token axis takes
+    any length up to the context length)."""
     if encoder == "text":
-        width = int(model.clip.token_embedding.weight.shape[1])
+        width = int(model.token_table.shape[1])
+        if model.hf_text:  # a Hugging Face encoder: mean pooling over the attention mask
+            return [{"name": "token_embeddings", "shape": ["batch", "tokens", width],
+                     "dtype": "float32"},
+                    {"name": "attention_mask", "shape": ["batch", "tokens"], "dtype": "int64"}]
         return [{"name": "token_embeddings", "shape": ["batch", model.context_length, width],
                  "dtype": "float32"},
                 {"name": "eot_position", "shape": ["batch"], "dtype": "int64"}]
@@ -56,11 +61,15 @@ def input_specs(model, encoder: str) -> list[dict]:
 def example_inputs(model, encoder: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; a batch of 2 so nothing batch-sized gets baked in as a constant 1."""
     g = torch.Generator().manual_seed(0)
-    shape = input_specs(model, encoder)[0]["shape"]
-    x = torch.randn(batch, *shape[1:], generator=g)
     if encoder == "text":
-        return x, torch.arange(batch, dtype=torch.int64) % shape[1]
-    return (x,)
+        n = model.context_length
+        x = torch.randn(batch, n, int(model.token_table.shape[1]), generator=g)
+        if model.hf_text:  # rows of different lengths, so no length is baked in
+            mask = (torch.arange(n)[None, :] < torch.arange(n, 0, -1)[:batch, None]).long()
+            return x, mask
+        return x, torch.arange(batch, dtype=torch.int64) % n
+    shape = input_specs(model, encoder)[0]["shape"]
+    return (torch.randn(batch, *shape[1:], generator=g),)
 
 
 def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
@@ -69,10 +78,12 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
         raise ExportError(f"opset {opset} is not supported (choose {MIN_OPSET}..{MAX_OPSET})")
     module = _Encoder(model, f"encode_{encoder}" if encoder != "text" else "encode_text_graph")
     module.eval()
-    names = input_names(encoder)
+    names = input_names(model, encoder)
     axes = {n: {0: "batch"} for n in names + [GRAPH_OUTPUT]}
     if encoder == "text":  # any token count up to the context length (models.causal_text)
         axes["token_embeddings"][1] = "tokens"
+        if model.hf_text:
+            axes["attention_mask"][1] = "tokens"
     buf = io.BytesIO()
     # No torch.no_grad() here, and the attention fast path off: under no_grad nn.MultiheadAttention
     # takes aten::_native_multi_head_attention, which has no ONNX export.

@@ -31,7 +31,9 @@ def _clean_name(tok) -> str:
 
 
 def write_tokenizer(model, out_dir: Path) -> dict:
-    """Copy the BPE file into ``out_dir`` and return the export.json ``tokenizer`` entry."""
+    """Write the tokenizer's file into ``out_dir``; return the export.json ``tokenizer`` entry."""
+    if model.hf_text:
+        return write_hf_tokenizer(model, out_dir)
     import open_clip
     from open_clip import tokenizer as t
 
@@ -70,4 +72,22 @@ def write_tokenizer(model, out_dir: Path) -> dict:
                                 clean=settings["clean"])
     if not bool((rebuilt(PROBES) == tok(PROBES)).all()):
         raise ExportError("the exported tokenizer settings do not reproduce the model's token ids")
+    return settings
+
+
+def write_hf_tokenizer(model, out_dir: Path) -> dict:
+    """A Hugging Face tower's tokenizer.json (from the checkpoint) and its settings; the file
+    and settings rebuilt as the runtime will must give the model's own ids."""
+    from stbir_infer.hf_tokenizer import TOKENIZER_FILE, TOKENIZER_TYPE, HFTokenizer
+
+    tok = model.tokenizer().inner
+    dst = out_dir / TOKENIZER_FILE
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(model.text_files["tokenizer.json"], encoding="utf-8")
+    settings = {"type": TOKENIZER_TYPE, "file": TOKENIZER_FILE,
+                "context_length": int(tok.context_length), "vocab_size": int(tok.vocab_size),
+                "pad_token_id": int(tok.pad_token_id), "clean": tok.clean}
+    rebuilt = HFTokenizer.from_export(settings, lambda rel: (out_dir / rel).read_bytes())
+    if not bool((rebuilt(PROBES) == tok(PROBES)).all()):
+        raise ExportError("the exported tokenizer.json does not reproduce the model's token ids")
     return settings

@@ -31,8 +31,7 @@ def verification_batch(model, encoder: str, batch: int) -> dict[str, torch.Tenso
     normalised pixels for the image towers."""
     g = torch.Generator().manual_seed(1234)
     if encoder == "text":
-        texts = [TEXTS[i % len(TEXTS)] for i in range(batch)]
-        return {"tokens": model.tokenizer()(texts)}
+        return text_inputs(model, [TEXTS[i % len(TEXTS)] for i in range(batch)])
     spec = model.input_specs()[encoder]
     return {"pixels": torch.randn(batch, spec["channels"], spec["size"], spec["size"], generator=g)}
 
@@ -45,12 +44,36 @@ def torch_embeddings(model, encoder: str, inputs: dict) -> np.ndarray:
     return getattr(model, f"encode_{encoder}")(inputs["pixels"]).numpy()
 
 
+def text_inputs(model, texts: list[str]) -> dict:
+    """Token ids of ``texts``, and for an HF tower its padding id (the mask is ids != it)."""
+    out = {"tokens": model.tokenizer()(texts)}
+    if model.hf_text:
+        out["pad_id"] = model.clip.text.config.pad_token_id
+    return out
+
+
 def onnx_feeds(encoder: str, inputs: dict, table: np.ndarray | None) -> dict[str, np.ndarray]:
-    """What a runtime feeds the graph; for text, the lookup in the shipped table happens here."""
+    """What a runtime feeds the graph; for text, the lookup in the shipped table happens here:
+    with the end-of-text positions (open_clip's tower) or the attention mask (an HF tower)."""
     if encoder == "text":
         ids = inputs["tokens"].numpy()
+        if "pad_id" in inputs:
+            return {"token_embeddings": table[ids],
+                    "attention_mask": (ids != inputs["pad_id"]).astype(np.int64)}
         return {"token_embeddings": table[ids], "eot_position": ids.argmax(-1).astype(np.int64)}
     return {"pixels": inputs["pixels"].numpy()}
+
+
+def trimmed(feeds: dict[str, np.ndarray], rows=slice(None)) -> dict[str, np.ndarray]:
+    """``feeds`` of ``rows`` cut after the last real token of those rows (what the runtime
+    feeds when export.json says ``trim_tokens``)."""
+    emb = feeds["token_embeddings"][rows]
+    if "attention_mask" in feeds:
+        mask = feeds["attention_mask"][rows]
+        n = int(mask.sum(1).max())
+        return {"token_embeddings": emb[:, :n], "attention_mask": mask[:, :n]}
+    eot = feeds["eot_position"][rows]
+    return {"token_embeddings": emb[:, :int(eot.max()) + 1], "eot_position": eot}
 
 
 def compare(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
@@ -85,16 +108,13 @@ def trim_cosine(model, path: Path, table: np.ndarray) -> float:
     captions, and of each alone) against the same graph fed all ``context_length`` of them:
     lowest row cosine (0 when the graph does not take fewer tokens). Near 1 only where the
     attention is causal; then the runtime may trim (export.json ``trim_tokens``)."""
-    feeds = onnx_feeds("text", {"tokens": model.tokenizer()([t for t in TEXTS if len(t) < 60])},
-                       table)
-    emb, eot = feeds["token_embeddings"], feeds["eot_position"]
+    feeds = onnx_feeds("text", text_inputs(model, [t for t in TEXTS if len(t) < 60]), table)
     sess = session(path)
     want = run(sess, feeds)
     worst = 1.0
-    for rows in [slice(None)] + [slice(i, i + 1) for i in range(len(eot))]:
-        n = int(eot[rows].max()) + 1
+    for rows in [slice(None)] + [slice(i, i + 1) for i in range(len(want))]:
         try:
-            got = run(sess, {"token_embeddings": emb[rows, :n], "eot_position": eot[rows]})
+            got = run(sess, trimmed(feeds, rows))
         except Exception:  # noqa: BLE001 - a graph with a fixed token axis refuses the shape
             return 0.0
         worst = min(worst, compare(got, want[rows])[0])

@@ -4,139 +4,29 @@ Reads only the export dir (export.json + the ONNX graphs + token table + tokeniz
 Each graph gets its own onnxruntime session, created on first use, so a text-only caller never
 loads the image towers.
 
-Integrity: every file the runtime reads from the export dir (graphs, token table, tokenizer merges)
-must be listed in export.json's ``files`` map, lie inside the export dir, and have exactly the
-recorded sha256. The bytes are read once, hashed, and those same bytes are handed to onnxruntime /
-numpy / gzip, so nothing parses an unverified file and nothing can swap it between check and use.
+Integrity: every file the runtime reads from the export dir goes through ``export_dir`` (listed
+in export.json, inside the folder, exactly the recorded sha256, those same bytes handed on).
 Every encoder output is checked to be finite (NonFiniteEmbeddingError otherwise).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import re
-import stat
 import threading
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from stbir_infer import export_dir
 from stbir_infer import preprocess as _pre
-from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, GRAPH_OUTPUT, MANIFEST,
-                                  QUERY_NEEDS_INPUT, SUPPORTED_EXPORT_VERSIONS, TOKEN_EMBEDDING,
-                                  embedding_space)
+from stbir_infer.contract import (BRANCHES, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT,
+                                  TOKEN_EMBEDDING, embedding_space)
 from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError, first_line
+from stbir_infer.export_dir import (TAMPERED, export_path, npy_from_bytes, read_export_manifest,
+                                    required_files)
+from stbir_infer.hf_tokenizer import TOKENIZER_TYPE, HFTokenizer
 from stbir_infer.session import DEFAULT_PROVIDER, SPINNING, SessionSettings, open_session
-from stbir_infer.tokenizer import DEFAULT_BPE_FILE, Tokenizer
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-TAMPERED = "sha256 does not match export.json; the export is corrupted or was modified"
-
-
-def export_path(model_dir: str | Path, rel) -> Path:
-    """``model_dir / rel`` for a file name taken from export.json; ExportDirError when the name is
-    absolute, climbs out with ``..``, or resolves (through a symlink) outside the export dir."""
-    model_dir = Path(model_dir)
-    where = model_dir / MANIFEST
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
-        raise ExportDirError(f"{where}: file name {rel!r} is not a relative path")
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or ".." in pure.parts:
-        raise ExportDirError(f"{where}: file name {rel!r} leaves the export folder")
-    path = model_dir.joinpath(*pure.parts)
-    try:
-        path.resolve().relative_to(model_dir.resolve())
-    except ValueError:
-        raise ExportDirError(f"{where}: file {rel!r} resolves outside the export folder") from None
-    return path
-
-
-# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, sha256) of files verified by this process.
-_VERIFIED: set[tuple] = set()
-
-
-def _stat_key(st: os.stat_result, digest: str) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
-
-
-def _npy_from_bytes(data: bytes) -> np.ndarray:
-    """A read-only array over ``data`` (a .npy file), without copying; never unpickles."""
-    fmt = np.lib.format
-    buf = io.BytesIO(data)
-    version = fmt.read_magic(buf)
-    if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"unsupported .npy version {version}")
-    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = read_header(buf)
-    if dtype.hasobject:
-        raise ValueError("object arrays (pickled data) are not allowed")
-    count = int(np.prod(shape, dtype=np.int64))
-    if buf.tell() + count * dtype.itemsize != len(data):
-        raise ValueError("file size does not match the header")
-    arr = np.frombuffer(data, dtype, count, offset=buf.tell())
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def _required_files(manifest: dict, precision: str = "fp32") -> list[str]:
-    """The export.json file names the runtime reads at this precision."""
-    enc = manifest["encoders"]
-    key = "int8_file" if precision == "int8" else "file"
-    names = [enc[b][key] for b in BRANCHES if enc[b].get(key)]
-    names.append(enc["text"].get("token_embedding", TOKEN_EMBEDDING))
-    tok = manifest.get("tokenizer")
-    names.append((tok if isinstance(tok, dict) else {}).get("bpe_file", DEFAULT_BPE_FILE))
-    return names
-
-
-def read_manifest(model_dir: str | Path) -> dict:
-    """Load and check export.json; raise ExportDirError naming what is wrong."""
-    model_dir = Path(model_dir)
-    path = model_dir / MANIFEST
-    if not model_dir.is_dir():
-        raise ExportDirError(f"{model_dir}: model dir not found (pass --model or set STBIR_MODEL)")
-    if not path.is_file():
-        raise ExportDirError(f"{model_dir}: not an STBIR export dir (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportDirError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
-        raise ExportDirError(f"{path}: not an STBIR export manifest (format is not {EXPORT_FORMAT!r})")
-    version = manifest.get("format_version")
-    if version not in SUPPORTED_EXPORT_VERSIONS:
-        raise ExportDirError(f"{path}: export format version {version} is not supported "
-                             f"(this runtime reads {', '.join(map(str, SUPPORTED_EXPORT_VERSIONS))})")
-    for key in ("embed_dim", "fusion_weight", "encoders", "tokenizer", "fingerprint", "files"):
-        if key not in manifest:
-            raise ExportDirError(f"{path}: missing key {key!r}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(
-            isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()):
-        raise ExportDirError(f"{path}: files is not a map of file name to sha256")
-    if not isinstance(manifest["encoders"], dict):
-        raise ExportDirError(f"{path}: encoders is not a map")
-    for rel in files:
-        export_path(model_dir, rel)
-    for branch in BRANCHES:
-        enc = manifest["encoders"].get(branch)
-        if not isinstance(enc, dict) or "file" not in enc or "inputs" not in enc:
-            raise ExportDirError(f"{path}: encoders.{branch} is missing or incomplete")
-        if branch != "text" and "preprocess" not in enc:
-            raise ExportDirError(f"{path}: encoders.{branch}.preprocess is missing")
-        if not export_path(model_dir, enc["file"]).is_file():
-            raise ExportDirError(f"{model_dir}: {enc['file']} is missing")
-    if not export_path(model_dir, manifest["encoders"]["text"].get("token_embedding",
-                                                                  TOKEN_EMBEDDING)).is_file():
-        raise ExportDirError(f"{model_dir}: token embedding table is missing")
-    for rel in _required_files(manifest):
-        export_path(model_dir, rel)
-        if rel not in files:
-            raise ExportDirError(f"{path}: {rel} is not listed in files (no sha256 to verify it)")
-    return manifest
+from stbir_infer.tokenizer import Tokenizer
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -170,7 +60,7 @@ class Encoders:
         if threads is not None and int(threads) < 1:
             raise ExportDirError(f"threads must be >= 1, not {threads}")
         self.model_dir = Path(model_dir)
-        self.manifest = read_manifest(self.model_dir)
+        self.manifest = read_export_manifest(self.model_dir)
         self.precision = precision
         self.session_settings = SessionSettings(threads=threads, provider=provider, spinning=spinning)
         self.embed_dim = int(self.manifest["embed_dim"])
@@ -182,13 +72,13 @@ class Encoders:
                 if not f or not export_path(self.model_dir, f).is_file():
                     raise ExportDirError(f"{self.model_dir}: no int8 graph for the {branch} encoder "
                                          "(export with --quantize int8)")
-            for rel in _required_files(self.manifest, "int8"):
+            for rel in required_files(self.manifest, "int8"):
                 if rel not in self.manifest["files"]:
                     raise ExportDirError(f"{self.model_dir / MANIFEST}: {rel} is not listed in "
                                          "files (no sha256 to verify it)")
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
-        self._tokenizer: Tokenizer | None = None
+        self._tokenizer: Tokenizer | HFTokenizer | None = None
         self._table: np.ndarray | None = None
 
     # -- what the manifest says ----------------------------------------------------------------
@@ -217,22 +107,7 @@ class Encoders:
     def verify_files(self) -> list[str]:
         """export.json's files that are missing, not regular files, or whose sha256 differs from
         the record (empty list: all intact). Reads every file; ``verify`` raises instead."""
-        bad = []
-        for rel, digest in self.manifest["files"].items():
-            p = export_path(self.model_dir, rel)
-            try:
-                with open(p, "rb") as f:
-                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                        raise OSError("not a regular file")
-                    h = hashlib.sha256()
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-            except OSError:
-                bad.append(rel)
-                continue
-            if h.hexdigest() != digest:
-                bad.append(rel)
-        return bad
+        return export_dir.verify_files(self.model_dir, self.manifest)
 
     def verify(self) -> dict:
         """Check every file export.json lists against its sha256 (``stbir-infer info --verify``).
@@ -245,31 +120,9 @@ class Encoders:
                 "bytes": sum(export_path(self.model_dir, r).stat().st_size for r in files)}
 
     def read_verified(self, rel: str) -> bytes:
-        """The bytes of export.json's file ``rel``, after checking them against its sha256.
-
-        A file this process has already verified (same device, inode, size, mtime and ctime,
-        taken from the open descriptor; ctime cannot be set back by a writer) is not hashed
-        again, so a second Encoders on the same export costs no hashing."""
-        path = export_path(self.model_dir, rel)
-        digest = self.manifest["files"].get(rel)
-        if digest is None:
-            raise ExportDirError(f"{path}: not listed in export.json's files (no sha256 to verify it)")
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise ExportDirError(f"{path}: not a regular file")
-                data = f.read()
-                key = _stat_key(st, digest)
-                fresh = (key in _VERIFIED and len(data) == st.st_size
-                         and _stat_key(os.fstat(f.fileno()), digest) == key)
-        except OSError as exc:
-            raise ExportDirError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        if not fresh:
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise ExportDirError(f"{path}: {TAMPERED}")
-            _VERIFIED.add(key)
-        return data
+        """The bytes of export.json's file ``rel``, after checking them against its sha256
+        (``export_dir.read_verified``)."""
+        return export_dir.read_verified(self.model_dir, self.manifest, rel)
 
     # -- sessions --------------------------------------------------------------------------------
     def session(self, branch: str):
@@ -341,10 +194,15 @@ class Encoders:
         return self.encode_pixels("image", self.preprocess("image", images))
 
     @property
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer(self) -> Tokenizer | HFTokenizer:
+        """open_clip's BPE (``stbir_infer.tokenizer``) or an HF tower's tokenizer.json
+        (``stbir_infer.hf_tokenizer``), as export.json's ``tokenizer.type`` says."""
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer.from_export(self.model_dir, self.manifest["tokenizer"],
-                                                    read=self.read_verified)
+            cfg = self.manifest["tokenizer"]
+            if isinstance(cfg, dict) and cfg.get("type") == TOKENIZER_TYPE:
+                self._tokenizer = HFTokenizer.from_export(cfg, read=self.read_verified)
+            else:
+                self._tokenizer = Tokenizer.from_export(self.model_dir, cfg, read=self.read_verified)
         return self._tokenizer
 
     @property
@@ -352,7 +210,7 @@ class Encoders:
         if self._table is None:
             rel = self.manifest["encoders"]["text"].get("token_embedding", TOKEN_EMBEDDING)
             try:
-                table = _npy_from_bytes(self.read_verified(rel))
+                table = npy_from_bytes(self.read_verified(rel))
             except (OSError, ValueError, EOFError) as exc:
                 raise ExportDirError(f"{self.model_dir / rel}: not a readable .npy table "
                                      f"({first_line(exc)})") from None
@@ -366,16 +224,24 @@ class Encoders:
 
     def text_feeds(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
         """The text graph's inputs: table rows of the ids, and the end-of-text position where the
-        graph pools (the argmax of the ids, as in open_clip). Where the export measured it exact
-        (``trim_tokens``: causal attention), only the tokens up to the batch's last end-of-text
-        are fed: "red" costs 3 positions instead of the context length."""
-        ids = self.tokenizer(texts)
-        eot = ids.argmax(axis=-1).astype(np.int64)
+        graph pools (the argmax of the ids, as in open_clip) or, for a Hugging Face tower, the
+        attention mask it mean-pools over. Where the export measured it exact (``trim_tokens``),
+        only the tokens up to the batch's last real one are fed: "red" costs 3 positions
+        instead of the context length."""
+        tok = self.tokenizer
+        ids = tok(texts)
         enc = self.manifest["encoders"]["text"]
+        if isinstance(tok, HFTokenizer):  # mean pooling over the mask: padding never counts
+            second = tok.attention_mask(ids)
+            end = int(second.sum(axis=1).max()) if len(ids) else 0
+        else:
+            second = ids.argmax(axis=-1).astype(np.int64)
+            end = int(second.max()) + 1 if len(ids) else 0
         if enc.get("trim_tokens") and len(ids):
-            ids = ids[:, :int(eot.max()) + 1]
+            ids = ids[:, :end]
+            second = second[:, :end] if second.ndim == 2 else second
         emb = np.ascontiguousarray(self.token_table[ids], np.float32)
-        return dict(zip([i["name"] for i in enc["inputs"]], (emb, eot)))
+        return dict(zip([i["name"] for i in enc["inputs"]], (emb, second)))
 
     def text(self, texts: str | Sequence[str]) -> np.ndarray:
         """Texts -> unit vectors [B, D]."""
@@ -395,4 +261,4 @@ class Encoders:
         return self.fuse(s, t)
 
 
-__all__ = ["BRANCHES", "Encoders", "fuse", "read_manifest"]
+__all__ = ["BRANCHES", "Encoders", "fuse"]

@@ -75,8 +75,15 @@ def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
 @click.option("--limit", default=0, show_default=True, help="Use only the first N photos (0: all).")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True),
               help="torchvision mobilenet_v2 weights for both visual towers, written into the config.")
+@click.option("--split", "split_file", type=click.Path(dir_okay=False),
+              help="CSV image,split (e.g. Flickr8k's split.csv): 'train' photos train, the rest "
+              "are the test split (instead of --test random photos).")
+@click.option("--text-model", type=click.Path(file_okay=False),
+              help="A local Hugging Face sentence encoder folder (config.json, model.safetensors, "
+              "tokenizer.json): the config then uses it as the text tower (the real-photo recipe).")
 @click.option("--seed", default=0, show_default=True)
-def sketchify(photos_dir, captions, out_dir, method, test_photos, sketches_per_photo, limit, weights, seed):
+def sketchify(photos_dir, captions, out_dir, method, test_photos, sketches_per_photo, limit, weights,
+              split_file, text_model, seed):
     """Captioned photos (CSV image,caption) -> pseudo-sketch training data + config.yaml."""
     import time
 
@@ -85,9 +92,14 @@ def sketchify(photos_dir, captions, out_dir, method, test_photos, sketches_per_p
     if sketches_per_photo < 1 or limit < 0:
         raise click.UsageError("--sketches-per-photo must be >= 1 and --limit >= 0")
     t0 = time.time()
+    if text_model:  # a wrong folder is one line now, not after the sketches are drawn
+        from models.hf_text import read_text_model
+
+        read_text_model(text_model)
     config = write_dataset(photos_dir, captions, out_dir, method=method, test=test_photos,
                            sketches_per_photo=sketches_per_photo, limit=limit, seed=seed,
-                           weights=weights, log=click.echo)
+                           weights=weights, split=split_file, text_model=text_model,
+                           log=click.echo)
     click.echo(f"done in {time.time() - t0:.1f}s; config: {config}")
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from models.model import PRESETS, STAGE_TARGETS, ModelSpec
+from models.model import STAGE_TARGETS
+from models.spec import PRESETS, ModelSpec
 from stbir_infer.contract import BRANCHES
 from stbir_train.distill_spec import DistillSpec
 from stbir_train.errors import ConfigError
@@ -90,6 +91,9 @@ class TrainingSpec:
     device: str = "auto"
     seed: int = 0
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(t, 4, 5e-4) for t in BRANCHES])
+    # A sketch stage computes the frozen image and text towers' vectors of every training item
+    # once, instead of every step (the photos are then not corrupted by the curriculum in it).
+    cache_anchors: bool = False
 
 
 @dataclass
@@ -130,6 +134,15 @@ class ModelSection:
     sketch_resize: str | None = None  # "shortest" (centre crop) or "pad"; null: the preset's
     image_resize: str | None = None
     combiner: bool | None = None  # a learned query fusion (seed 001), trained by a combiner stage
+    # A local Hugging Face sentence encoder as the text tower (README "Search your own photos")
+    text_model: str | None = None
+    text_proj: str | None = None  # linear or mlp
+    text_context_length: int | None = None
+    image_size: int | None = None  # with text_model: the image tower's input size
+    image_proj: str | None = None  # with text_model: linear or mlp
+    text_unlocked_layers: int | None = None  # -1 all learn, 0 projection only, N top N layers
+    image_unlocked_layers: int | None = None
+    trunk_lr_scale: float | None = None  # learning rate of the pretrained layers, x the stage's
 
     def spec(self, arcface_classes: int = 0) -> ModelSpec:
         """The preset's fields, overridden by whatever the config sets explicitly."""

@@ -59,6 +59,9 @@ class SBIRDataset(Dataset):
                            if negatives else None)
         self._neg_offsets = np.cumsum([0] + [len(r["negative_texts"]) for r in rows])
         self.stage_index, self.target, self.epoch = 0, "all", 0
+        # Per item, the frozen image and text towers' vectors, when a stage computed them once
+        # (train.frozen_anchors); the photo is then not decoded at all.
+        self.anchors: dict[str, torch.Tensor] | None = None
         if negatives and any(len(r["negative_images"]) < negatives for r in rows):
             raise DataError("manifest has fewer negatives per row than data.negatives_per_modality; "
                             "rebuild it with `stbir-train manifest`")
@@ -80,6 +83,10 @@ class SBIRDataset(Dataset):
                 img = (corrupt_photo if modality == "photo" else corrupt_sketch)(img, strength, rng)
         return torch.from_numpy(preprocess(img, spec))
 
+    def clean_photo(self, i: int) -> torch.Tensor:
+        """Item ``i``'s photo, preprocessed and never corrupted."""
+        return self._pixels(self.rows[i]["image"], "photo", None, noisy=False)
+
     def item_rng(self, i: int) -> np.random.Generator:
         """Item ``i``'s random draws this epoch (the same in any worker process)."""
         return np.random.default_rng([self.seed, self.stage_index, self.epoch, i])
@@ -93,12 +100,12 @@ class SBIRDataset(Dataset):
         rng = self.item_rng(i)
         noisy = self.train
         sketch = row["positive_sketches"][self.pick_sketch(i, rng)]
-        item = {
-            "sketch": self._pixels(sketch, "sketch", rng, noisy),
-            "image": self._pixels(row["image"], "photo", rng, noisy),
-            "tokens": self.tokens[i],
-            "label": torch.tensor(self.labels[i]),
-        }
+        item = {"sketch": self._pixels(sketch, "sketch", rng, noisy),
+                "tokens": self.tokens[i], "label": torch.tensor(self.labels[i])}
+        if self.anchors is not None:
+            item["image_vec"], item["text_vec"] = self.anchors["image"][i], self.anchors["text"][i]
+        else:
+            item["image"] = self._pixels(row["image"], "photo", rng, noisy)
         if self.modality_dropout:  # 0 keep both, 1 drop the text, 2 drop the sketch
             u = rng.random()
             item["drop"] = torch.tensor(0 if u >= self.modality_dropout

@@ -45,8 +45,11 @@ def step_losses(model, batch: dict, loss_cfg, target: str,
     learns = {b: target in (b, "all") for b in BRANCHES}
     w = loss_cfg.weights
     s = _encode(model.encode_sketch, batch["sketch"], learns["sketch"])
-    i = _encode(model.encode_image, batch["image"], learns["image"])
-    t = _encode(model.encode_text, batch["tokens"], learns["text"])
+    # A sketch stage's frozen anchors may come computed once (train.frozen_anchors).
+    i = (batch["image_vec"] if "image_vec" in batch else
+         _encode(model.encode_image, batch["image"], learns["image"]))
+    t = (batch["text_vec"] if "text_vec" in batch else
+         _encode(model.encode_text, batch["tokens"], learns["text"]))
     q = model.fuse(s, t)
     if "drop" in batch:  # modality dropout, drawn by the dataset: 1 = text dropped, 2 = sketch
         d = batch["drop"].view(-1, 1)
@@ -124,8 +127,8 @@ def run_epoch(model, stage: StageRun, loader, epoch: int, *, loss_cfg, grad_clip
     bar = tqdm(loader, total=stage.steps_per_epoch, disable=not show_progress or None,
                leave=False, desc=f"{stage.target} {epoch + 1}/{stage.epochs}", file=sys.stderr)
     for batch in bar:
-        for g in stage.optimizer.param_groups:
-            g["lr"] = stage.lr * lr_factor(stage.step, stage.total_steps)
+        for g in stage.optimizer.param_groups:  # lr_scale: pretrained layers learn slower
+            g["lr"] = stage.lr * g.get("lr_scale", 1.0) * lr_factor(stage.step, stage.total_steps)
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             terms = stage.step_fn(batch, loss_cfg, stage.target)

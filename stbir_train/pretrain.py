@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from models import build_model
+from models.frozen import image_split, text_split
 from models.checkpoint import load_tensors
 from models.errors import CheckpointError
 from stbir_infer.contract import atomic_write, atomic_write_text
@@ -53,26 +54,66 @@ def split_photos(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
+class Encoders:
+    """Photo and caption indices -> embeddings for the pretrain loop. A tower's locked part
+    (``models.frozen``) runs once per photo or caption, here, and
+    each step runs only what learns: with the real-photo recipe's locked sentence encoder and
+    the top image layers learning, an epoch costs seconds instead of minutes."""
+
+    def __init__(self, model, pixels: torch.Tensor, tokens: torch.Tensor, log, batch: int = 256):
+        self.model, self.pixels, self.tokens = model, pixels, tokens
+        self.image_cache = self.text_cache = None
+        t0 = time.time()
+        image, text = image_split(model), text_split(model)
+        if image is not None:
+            prefix, self.image_rest = image
+            with torch.no_grad():
+                self.image_cache = torch.cat([prefix(pixels[i:i + batch])
+                                              for i in range(0, len(pixels), batch)])
+        if text is not None:
+            features, self.text_rest = text
+            # Batches of similar length: each is cut to its longest caption (models.hf_text).
+            order = torch.argsort((tokens != model.clip.text.config.pad_token_id).sum(1))
+            out = torch.cat([features(tokens[order[i:i + batch]]) for i in range(0, len(order), batch)])
+            self.text_cache = torch.empty_like(out)
+            self.text_cache[order] = out
+        if image is not None or text is not None:
+            log(f"locked layers computed once: {'image' if image else ''}"
+                f"{' and ' if image and text else ''}{'text' if text else ''} "
+                f"({time.time() - t0:.0f}s)")
+
+    def image(self, ids) -> torch.Tensor:
+        if self.image_cache is not None:
+            return self.image_rest(self.image_cache[ids])
+        return self.model.encode_image(self.pixels[ids])
+
+    def text(self, ids) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_rest(self.text_cache[ids])
+        return self.model.encode_text(self.tokens[ids])
+
+
 @torch.no_grad()
-def retrieval(model, pixels: torch.Tensor, tokens: torch.Tensor, owner: np.ndarray,
+def retrieval(model, enc: Encoders, photos: np.ndarray, captions: np.ndarray, owner: np.ndarray,
               batch: int = 256) -> dict:
     """image->text (a photo is found when any of its captions ranks within k) and text->image
-    R@k over ``pixels`` [P] and ``tokens`` [C] whose photo is ``owner[c]``."""
+    R@k over the photos and captions of those indices, caption c's photo being ``owner[c]``
+    (an index into ``photos``)."""
     was = model.training
     model.eval()
-    img = torch.cat([model.encode_image(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
-    txt = torch.cat([model.encode_text(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
+    img = torch.cat([enc.image(photos[i:i + batch]) for i in range(0, len(photos), batch)])
+    txt = torch.cat([enc.text(captions[i:i + batch]) for i in range(0, len(captions), batch)])
     model.train(was)
     sim = (txt @ img.T).numpy()  # [C, P]
     t_rank = (sim > sim[np.arange(len(owner)), owner][:, None]).sum(1)  # 0 = first
-    best_of_photo = np.full(len(pixels), np.inf)
+    best_of_photo = np.full(len(photos), np.inf)
     sim_it = sim.T  # [P, C]: rank of each caption for its photo; keep the best per photo
     for c, p in enumerate(owner.tolist()):
         r = (sim_it[p] > sim_it[p, c]).sum()
         best_of_photo[p] = min(best_of_photo[p], r)
     return {"image_to_text": {f"R@{k}": float((best_of_photo < k).mean()) for k in KS},
            "text_to_image": {f"R@{k}": float((t_rank < k).mean()) for k in KS},
-           "photos": int(len(pixels)), "captions": int(len(tokens))}
+           "photos": int(len(photos)), "captions": int(len(captions))}
 
 
 def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
@@ -100,10 +141,12 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
     if steps == 0:
         raise TrainingError(f"{len(train_ids)} training photos are fewer than one batch of "
                             f"{pt.batch_size} (pretrain.batch_size)")
-    params = model.branch_parameters("image") + model.branch_parameters("text")
-    opt = torch.optim.AdamW(params, lr=pt.lr, weight_decay=pt.weight_decay)
-    model.configure_stage("all")
+    model.configure_stage("all")  # what of the image and text towers learns: model.*_unlocked_layers
     model.sketch.requires_grad_(False)
+    groups = model.param_groups(pt.lr)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=pt.lr, weight_decay=pt.weight_decay)
+    enc = Encoders(model, pixels, tokens, log)
     start, history = 0, []
     if resume is not None:
         state = _read_state(Path(resume))
@@ -126,11 +169,12 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
                    file=sys.stderr)
         for b in bar:
             for g in opt.param_groups:
-                g["lr"] = pt.lr * lr_factor(epoch * steps + b, pt.epochs * steps)
+                g["lr"] = pt.lr * g.get("lr_scale", 1.0) * lr_factor(epoch * steps + b,
+                                                                    pt.epochs * steps)
             ids = order[b * pt.batch_size:(b + 1) * pt.batch_size]
             caps = [caps_of[p][int(rng.integers(len(caps_of[p])))] for p in ids]
-            i = model.encode_image(pixels[ids])
-            t = model.encode_text(tokens[caps])
+            i = enc.image(ids)
+            t = enc.text(caps)
             loss = L.info_nce(t, i, pt.temperature)
             if not torch.isfinite(loss):
                 raise TrainingError(f"pretrain loss became {loss.item()} at epoch {epoch + 1}, "
@@ -144,7 +188,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
         bar.close()
         seconds = time.time() - t0
         t_total += seconds
-        res = retrieval(model, pixels[held_ids], tokens[held_caps], held_owner)
+        res = retrieval(model, enc, held_ids, held_caps, held_owner)
         history.append({"epoch": epoch + 1, "loss": total / steps, "seconds": round(seconds, 2),
                         **res})
         _write(out_dir, model, opt, epoch + 1, history, cfg, t_total)
@@ -153,7 +197,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
             f"t->i R@1 {res['text_to_image']['R@1']:.3f} R@10 {res['text_to_image']['R@10']:.3f} "
             f"({seconds:.0f}s)")
     if not history:  # 0 epochs: the starting weights, measured
-        res = retrieval(model, pixels[held_ids], tokens[held_caps], held_owner)
+        res = retrieval(model, enc, held_ids, held_caps, held_owner)
         history.append({"epoch": 0, "loss": None, "seconds": 0.0, **res})
         _write(out_dir, model, opt, 0, history, cfg, 0.0)
     return {"weights": str(out_dir / "clip.pt"), "results": str(out_dir / "results.json"),

@@ -186,10 +186,15 @@ def sketches_of(photo: Image.Image, method: str, n: int, rng: np.random.Generato
 
 def write_dataset(photos_dir: str | Path, captions: str | Path, out_dir: str | Path, *,
                   method: str = "canny", test: int = 100, sketches_per_photo: int = 3,
-                  limit: int = 0, seed: int = 0, weights: str | None = None, log=None) -> Path:
+                  limit: int = 0, seed: int = 0, weights: str | None = None,
+                  split: str | Path | None = None, text_model: str | None = None,
+                  log=None) -> Path:
     """Write the layout and its ``config.yaml`` (returned). ``test`` photos (drawn by ``seed``)
-    form the test split, one sketch each; ``limit`` > 0 keeps only that many photos (the first
-    in sorted order). ``weights``: a torchvision mobilenet_v2 state dict for both visual towers."""
+    form the test split, one sketch each, unless ``split`` names a CSV ``image,split`` (Flickr8k's
+    ``split.csv``: ``train`` photos train, the others are the test split); ``limit`` > 0 keeps
+    only that many photos (the first in sorted order). ``weights``: a torchvision mobilenet_v2
+    state dict for both visual towers; ``text_model``: a Hugging Face sentence encoder folder
+    for the text tower (the real-photo recipe, ``real_config_text``)."""
     if method not in METHODS:
         raise DataError(f"sketch method {method!r} is not one of {', '.join(METHODS)}")
     pairs = read_csv_pairs(Path(captions), Path(photos_dir))
@@ -199,11 +204,14 @@ def write_dataset(photos_dir: str | Path, captions: str | Path, out_dir: str | P
     photos = sorted(by_photo, key=lambda p: p.name)[: limit or None]
     if len({p.stem for p in photos}) != len(photos):
         raise DataError(f"{captions}: two photos share a file stem; names must be unique")
-    if not 0 < test < len(photos):
-        raise DataError(f"test split of {test} photos needs 0 < test < {len(photos)} photos")
-    order = np.random.default_rng([seed, 15]).permutation(len(photos))
-    is_test = np.zeros(len(photos), bool)
-    is_test[order[:test]] = True
+    if split is not None:
+        is_test = read_split(Path(split), photos)
+    else:
+        if not 0 < test < len(photos):
+            raise DataError(f"test split of {test} photos needs 0 < test < {len(photos)} photos")
+        order = np.random.default_rng([seed, 15]).permutation(len(photos))
+        is_test = np.zeros(len(photos), bool)
+        is_test[order[:test]] = True
     out = Path(out_dir)
     cat = out / CATEGORY
     for d in ("trainA", "trainB", "testA", "testB"):
@@ -236,11 +244,88 @@ def write_dataset(photos_dir: str | Path, captions: str | Path, out_dir: str | P
         writer.writerows(rows[split])
         (cat / f"{split}_captions.csv").write_text(buf.getvalue(), encoding="utf-8")
     config = out / "config.yaml"
-    config.write_text(config_text(weights), encoding="utf-8")
+    text = real_config_text(text_model, weights) if text_model else config_text(weights)
+    config.write_text(text, encoding="utf-8")
     if log:
         log(f"{len(lines['train'])} training photos ({sketches_per_photo} sketches each), "
             f"{len(lines['test'])} test photos (1 sketch each), {skipped} skipped; method {method}")
     return config
+
+
+def read_split(path: Path, photos: list[Path]) -> np.ndarray:
+    """Which of ``photos`` are test photos, from a CSV ``image,split`` (``train`` or another
+    split name, e.g. Flickr8k's ``val``); every photo must be listed."""
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or [h.strip().lower() for h in rows[0][:2]] != ["image", "split"]:
+        raise DataError(f"{path}:1: expected a header 'image,split'")
+    split_of = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DataError(f"{path}:{n}: expected 'image,split'")
+        split_of[row[0].strip()] = row[1].strip().lower()
+    missing = [p.name for p in photos if p.name not in split_of]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} photos have no split (e.g. {missing[0]})")
+    is_test = np.array([split_of[p.name] != "train" for p in photos])
+    if is_test.all() or not is_test.any():
+        raise DataError(f"{path}: needs both training ('train') and test photos")
+    return is_test
+
+
+def real_config_text(text_model: str, weights: str | None = None) -> str:
+    """The real-photo recipe (README "Search your own photos"): a pretrained sentence encoder as
+    the text tower, ImageNet MobileNetV2 image and sketch towers; ``pretrain`` aligns image and
+    text first, then the sketch stage learns against those two as anchors."""
+    w = (f"{Path(weights).resolve()}" if weights else "null")
+    return f"""\
+# Written by `stbir-train sketchify --text-model`. Relative paths resolve against this folder.
+# Run `stbir-train pretrain` first, then set model.pretrained to runs/pretrain/clip.pt.
+output_dir: runs
+model:
+  preset: real              # MobileNetV2 towers (image 160 px, sketch 128 px), 256-d space
+  text_model: {Path(text_model).expanduser().resolve()}
+  text_proj: mlp            # 2-layer projection heads (measured better than linear)
+  image_proj: mlp
+  text_unlocked_layers: 0   # the sentence encoder locked: only its projection learns
+  image_unlocked_layers: 18  # every MobileNetV2 layer group learns ...
+  trunk_lr_scale: 0.1       # ... at a tenth of the heads' learning rate, BatchNorm frozen
+  pretrained: {w}        # torchvision mobilenet_v2 ImageNet weights for the image tower
+  sketch_pretrained: {w}  # ... and for the sketch tower
+  sketch_resize: pad
+  image_resize: pad
+  fusion_weight: 0.5
+data:
+  root: .
+  categories:
+    {CATEGORY}: {{}}
+  val_fraction: 0.05
+  negatives_per_modality: 0
+  virtual_classes: 16
+  manifest_seed: 0
+{CURRICULUM_NOISE_YAML}training:
+  batch_size: 64
+  num_workers: 1
+  seed: 0
+  cache_anchors: true       # their vectors computed once: each step runs the sketch tower only
+  stages:                   # the image and text towers are the sketch stage's anchors
+    - {{target: sketch, epochs: 3, lr: 0.0005, weight_decay: 0.05}}
+loss:
+  temperature: 0.07
+  arcface_labels: virtual_class
+  fusion_items: 16
+  modality_dropout: 0.3
+  weights: {{infonce: 1.0, triplet: 0.0, fusion: 0.0, arcface: 0.0, infonce_sketch: 0.5}}
+pretrain:                   # image + text towers on every training caption
+  captions: {CATEGORY}/train_captions.csv
+  images: {CATEGORY}/trainB
+  holdout: 0.05
+  epochs: 4
+  lr: 0.001
+  batch_size: 128
+"""
 
 
 def config_text(weights: str | None = None) -> str:

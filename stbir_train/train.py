@@ -214,11 +214,12 @@ def start_stage(run: Run, si: int) -> StageRun:
     st = cfg.training.stages[si]
     model.configure_stage(st.target)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    optimizer = torch.optim.AdamW(model.param_groups(st.lr), lr=st.lr, weight_decay=st.weight_decay)
     steps_per_epoch = len(run.train_set) // (cfg.training.batch_size * procs.world)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(run.train_set)} training items are fewer than one batch of "
                             f"{cfg.training.batch_size} x {procs.world} process(es)")
+    frozen_anchors(run, st.target)
     stage = StageRun(si, st.target, st.epochs, st.lr, optimizer, params,
                      distributed.loss_step(model, procs, run.extra_terms), steps_per_epoch)
     if run.resume_state is not None and si == run.start_stage and run.start_epoch > 0:
@@ -228,6 +229,33 @@ def start_stage(run: Run, si: int) -> StageRun:
             f"lr {st.lr:g}, weight decay {st.weight_decay:g}; "
             f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M")
     return stage
+
+
+@torch.no_grad()
+def frozen_anchors(run: Run, target: str, batch: int = 128) -> None:
+    """``training.cache_anchors``: in a sketch stage the image and text towers are frozen, so
+    each training item's image and text vectors are the same every epoch (the photo left
+    uncorrupted): computed here once, each step then runs the sketch tower only. Not with
+    manifest negatives or the fusion loss, which need the photos' pixels."""
+    ds, cfg = run.train_set, run.cfg
+    ds.anchors = None
+    if (not cfg.training.cache_anchors or target != "sketch" or ds.negatives
+            or cfg.loss.weights.fusion):
+        return
+    t0 = time.time()
+    model, device = run.model, run.procs.device
+    was = model.training
+    model.eval()
+    image, text = [], []
+    for start in range(0, len(ds), batch):
+        rows = range(start, min(start + batch, len(ds)))
+        pixels = torch.stack([ds.clean_photo(i) for i in rows])
+        image.append(model.encode_image(pixels.to(device)).cpu())
+        text.append(model.encode_text(ds.tokens[start:start + len(rows)].to(device)).cpu())
+    model.train(was)
+    ds.anchors = {"image": torch.cat(image), "text": torch.cat(text)}
+    run.say(f"  frozen image and text vectors of {len(ds)} items computed once "
+            f"({time.time() - t0:.0f}s)")
 
 
 def epoch_loader(run: Run, stage: StageRun, epoch: int) -> DataLoader:

@@ -124,3 +124,55 @@ def combiner_export(tmp_path_factory):
             m: {"0.01": 0.1, "0.001": 0.2, "0.0001": 0.3} for m in ("sketch", "text", "sketch+text")}})
     manifest = export_checkpoint(ckpt, tmp / "export", log=lambda *a, **k: None)
     return tmp / "export", manifest, ckpt
+
+
+def write_tiny_bert(dest, *, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A randomly initialised BERT in the Hugging Face layout (config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json): a WordPiece vocabulary of characters, '##'
+    continuations and a few words, so any text tokenizes. No download, under a second."""
+    import json
+    import string
+    from pathlib import Path
+
+    import torch
+    from tokenizers.implementations import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = ["a", "the", "red", "blue", "green", "dog", "man", "on", "of", "grass", "circle",
+             "square", "triangle", "star", "running", "##s", "##ing"]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
+                               + ["##" + c for c in chars] + words))
+    BertWordPieceTokenizer(vocab={w: i for i, w in enumerate(vocab)}, lowercase=True).save(
+        str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizerFast", "do_lower_case": True, "model_max_length": 128}))
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=128)
+    BertModel(config, add_pooling_layer=False).save_pretrained(dest, safe_serialization=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """``write_tiny_bert`` once per session: the folder a config's model.text_model names."""
+    return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert") / "bert")
+
+
+@pytest.fixture(scope="session")
+def real_text_model():
+    """The real all-MiniLM-L6-v2 folder (``STBIR_TEXT_MODEL``, or ~/.cache/stbir/all-MiniLM-L6-v2
+    where ``../shared/data/get-text-model.sh`` puts it); the test skips on a machine without it."""
+    import os
+    from pathlib import Path
+
+    for candidate in (os.environ.get("STBIR_TEXT_MODEL"),
+                      Path.home() / ".cache" / "stbir" / "all-MiniLM-L6-v2"):
+        if candidate and (Path(candidate) / "model.safetensors").is_file():
+            return Path(candidate)
+    pytest.skip("all-MiniLM-L6-v2 is not on this machine (../shared/data/get-text-model.sh "
+                "~/.cache/stbir/all-MiniLM-L6-v2, or set STBIR_TEXT_MODEL)")
