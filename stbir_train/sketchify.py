@@ -290,8 +290,9 @@ model:
   text_proj: mlp            # 2-layer projection heads (measured better than linear)
   image_proj: mlp
   text_unlocked_layers: 0   # the sentence encoder locked: only its projection learns
-  image_unlocked_layers: 18  # every MobileNetV2 layer group learns ...
-  trunk_lr_scale: 0.1       # ... at a tenth of the heads' learning rate, BatchNorm frozen
+  image_unlocked_layers: 6  # the top 6 of MobileNetV2's 18 layer groups learn ...
+  trunk_lr_scale: 0.1       # ... at a tenth of the heads' rate (BatchNorm frozen); the rest
+                            # runs once per photo (pretrain caches it)
   pretrained: {w}        # torchvision mobilenet_v2 ImageNet weights for the image tower
   sketch_pretrained: {w}  # ... and for the sketch tower
   sketch_resize: pad
