@@ -132,7 +132,7 @@ def _check_upper_levels(shown, buf: np.ndarray, h: Header, size: int) -> np.ndar
     """Walk the per-element link lists above level 0; returns every element's level."""
     per_level = h.maxM * _TABLEINT + _TABLEINT
     levels = np.zeros(h.count, np.int64)
-    blocks: list[tuple[int, int, int]] = []  # (element, offset of its lists, levels)
+    rows: list[tuple[int, int, int]] = []  # (offset of one level's list, element, its level)
     pos = HEADER.size + h.count * h.size_data_per_element
     for i in range(h.count):
         if pos + 4 > size:
@@ -143,34 +143,33 @@ def _check_upper_levels(shown, buf: np.ndarray, h: Header, size: int) -> np.ndar
             if n % per_level or n // per_level > h.maxlevel or pos + n > size:
                 _fail(shown, f"element {i}: link list size {n} out of range")
             levels[i] = n // per_level
-            blocks.append((i, pos, int(levels[i])))
+            rows += [(pos + k * per_level, i, k + 1) for k in range(n // per_level)]
             pos += n
     if pos != size:
         _fail(shown, f"{size - pos} bytes after the last link list")
     if levels[h.enterpoint] != h.maxlevel:
         _fail(shown, f"entry point {h.enterpoint} is at level {levels[h.enterpoint]}, "
                      f"the top level is {h.maxlevel}")
-    for i, start, n_levels in blocks:
-        lists = buf[start:start + n_levels * per_level].view(np.uint32).reshape(n_levels, -1)
-        _check_links(shown, i, lists, h.maxM, h.count, levels, 1)
+    if rows:  # every upper-level list at once: [count word, maxM ids] per row
+        at, elements, level = (np.asarray(col, np.int64) for col in zip(*rows))
+        lists = buf[at[:, None] + np.arange(per_level)].view(np.uint32)
+        _check_links(shown, elements, lists, h.maxM, h.count, levels, level)
     return levels
 
 
-def _check_links(shown, first: int, lists: np.ndarray, max_links: int, count: int,
-                 levels: np.ndarray, level: int) -> None:
-    """``lists``: rows of [count word, max_links ids] of elements ``first``, ``first + 1``, ...
-    (level 0) or of element ``first``'s levels 1, 2, ... (``level`` 1)."""
+def _check_links(shown, elements: np.ndarray, lists: np.ndarray, max_links: int, count: int,
+                 levels: np.ndarray, level: np.ndarray | None) -> None:
+    """``lists``: rows of [count word, max_links ids], one per ``elements``; ``level``: each
+    row's level (None: level 0), which each of its neighbours must also reach."""
     n = (lists[:, 0] & 0xFFFF).astype(np.int64)
-    if (n > max_links).any():
-        _fail(shown, f"a link count above {max_links} (element {first})")
     used = np.arange(max_links)[None, :] < n[:, None]
     ids = np.where(used, lists[:, 1:1 + max_links], 0).astype(np.int64)
-    if (ids >= count).any():
-        _fail(shown, f"a neighbour id out of range (element {first})")
-    if level:  # a neighbour at level L must itself have a list at level L
-        need = np.arange(level, level + len(lists))[:, None]
-        if (used & (levels[ids] < need)).any():
-            _fail(shown, f"a neighbour below its link's level (element {first})")
+    for bad, what in ((n > max_links, f"a link count above {max_links}"),
+                      ((ids >= count).any(axis=1), "a neighbour id out of range"),
+                      ((used & (levels[np.minimum(ids, count - 1)] < level[:, None])).any(axis=1)
+                       if level is not None else None, "a neighbour below its link's level")):
+        if bad is not None and bad.any():
+            _fail(shown, f"{what} (element {int(elements[np.flatnonzero(bad)[0]])})")
 
 
 def _check_level0(shown, buf: np.ndarray, h: Header, levels: np.ndarray,
@@ -186,7 +185,7 @@ def _check_level0(shown, buf: np.ndarray, h: Header, levels: np.ndarray,
             _fail(shown, f"unknown element flags (elements {s}-{e - 1})")
         is_deleted[s:e] = flags[:, 0] == 1
         links = np.ascontiguousarray(rows[:, :h.offset_data]).view(np.uint32)
-        _check_links(shown, s, links, h.maxM0, h.count, levels, 0)
+        _check_links(shown, np.arange(s, e), links, h.maxM0, h.count, levels, None)
         vectors = np.ascontiguousarray(rows[:, h.offset_data:h.label_offset]).view(np.float32)
         with np.errstate(all="ignore"):
             norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))
