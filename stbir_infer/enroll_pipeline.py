@@ -69,6 +69,7 @@ def decoded_batches(batches: Iterable[Sequence], spec: dict, stages: Stages, *, 
     file still holds the content; the files whose bytes changed since they were hashed). Each
     batch is split into one chunk per worker; while the caller holds one batch, the next
     ``ahead`` are being decoded (never more), so the workers keep busy while the caller encodes."""
+    _pre.check_spec(spec)  # an export's bad value stops here, once, not at every image
     workers = max(1, int(workers))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enroll-decode")
     todo = iter(batches)

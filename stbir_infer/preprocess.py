@@ -74,6 +74,7 @@ MAX_INTERMEDIATE = 8
 DRAFT_FACTOR = 4
 # Decoded pixels above which a large image is converted in bands and reduced (see above).
 LEAN_PIXELS = 8_000_000
+MAX_SPEC_SIZE = 4096  # the largest input side an export may ask for
 # File names a folder of training or calibration images is read by.
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 _BAND_PIXELS = 1 << 20
@@ -87,7 +88,8 @@ _EXIF_METHODS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_1
                  8: Image.Transpose.ROTATE_90}
 
 __all__ = ["DRAFT_FACTOR", "IMAGE_EXTENSIONS", "ImageDecodeError", "LEAN_PIXELS", "MAX_INTERMEDIATE",
-           "MAX_PIXELS", "SpecError", "load", "open_image", "pad_fill", "preprocess"]
+           "MAX_PIXELS", "MAX_SPEC_SIZE", "SpecError", "check_spec", "load", "open_image",
+           "pad_fill", "preprocess"]
 
 
 def _label(source) -> str:
@@ -295,6 +297,26 @@ def _pad(img: Image.Image, spec: dict) -> Image.Image:
     return canvas
 
 
+def check_spec(spec) -> None:
+    """A SpecError unless ``spec`` is one this runtime can follow: ``size`` 1..MAX_SPEC_SIZE,
+    ``channels`` 1 or 3, ``mean`` / ``std`` one finite number per channel (std not 0). An export's
+    bad value (size 0, a string) was an internal error at the first image."""
+    size, channels = spec.get("size"), spec.get("channels")
+    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_SPEC_SIZE):
+        raise SpecError(f"{MANIFEST}: preprocess size {str(size)[:40]!r} is not an integer "
+                        f"from 1 to {MAX_SPEC_SIZE}")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise SpecError(f"{MANIFEST}: preprocess channels {str(channels)[:40]!r} is not 1 or 3")
+    for key in ("mean", "std"):
+        try:
+            v = np.asarray(spec.get(key), np.float64)
+        except (TypeError, ValueError):
+            v = np.zeros(0)
+        if v.shape != (channels,) or not np.isfinite(v).all() or (key == "std" and (v == 0).any()):
+            raise SpecError(f"{MANIFEST}: preprocess {key} is not {channels} finite number(s)")
+
+
 def load(source: str | Path | Image.Image, spec: dict) -> np.ndarray:
     """Decode and preprocess in one call (a large JPEG decodes at reduced scale, see above)."""
+    check_spec(spec)
     return preprocess(open_image(source, int(spec["channels"]), target=int(spec["size"])), spec)

@@ -73,3 +73,25 @@ def test_a_fifo_as_a_batch_sketch_fails_that_query_only(indexed, export_dir, tmp
     r = run_cli("query", "--model", export_dir, "--index", tmp / "idx", "--batch", batch)
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(lines) == 2 and "error" in lines[0] and lines[1].get("results"), r.stdout
+
+
+@pytest.mark.parametrize("branch, key, value", [
+    ("image", "size", 0), ("image", "size", "64"), ("image", "size", 10**9),
+    ("sketch", "channels", 2), ("image", "std", [0, 0, 0]), ("image", "mean", [1.0]),
+    ("sketch", "interpolation", "lanczos9")])
+def test_a_bad_preprocess_value_in_export_json_is_one_line_exit_2(indexed, export_dir, tmp_path,
+                                                                   branch, key, value):
+    import shutil
+
+    from stbir_infer.contract import MANIFEST
+
+    tmp, sketch = indexed
+    bad = tmp_path / "export"
+    shutil.copytree(export_dir, bad)
+    m = json.loads((bad / MANIFEST).read_text())
+    m["encoders"][branch]["preprocess"][key] = value
+    (bad / MANIFEST).write_text(json.dumps(m))
+    args = (["query", "--sketch", sketch, "--index", tmp / "idx"] if branch == "sketch"
+            else ["enroll", "--images", tmp / "photos", "--index", tmp_path / "idx"])
+    r = run_cli(*args, "--model", bad)
+    assert r.exit_code == 2 and one_error_line(r.stderr) and key in r.stderr, r.stderr
