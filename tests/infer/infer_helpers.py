@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,13 @@ def leftovers(idx_dir: Path) -> list[str]:
 def one_error_line(stderr: str) -> bool:
     lines = stderr.strip().splitlines()
     return len(lines) == 1 and lines[0].startswith("stbir-infer: error: ")
+
+
+def linked_export(src: Path, dst: Path) -> Path:
+    """A copy of the export dir ``src`` at ``dst`` whose files are hard links (no disk space for
+    the graphs); export.json is a real copy. Unlink a file before rewriting it: writing through
+    a link would change ``src`` too."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    (dst / "export.json").unlink()
+    shutil.copy(src / "export.json", dst / "export.json")
+    return dst

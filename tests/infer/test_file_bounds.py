@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from infer_helpers import make_photos, one_error_line, run_cli
+from infer_helpers import linked_export, make_photos, one_error_line, run_cli
 
 from stbir_infer import enroll_pipeline, preprocess, store
 from stbir_infer.contract import MANIFEST
@@ -109,8 +108,7 @@ def photos(tmp_path):
 def test_an_export_that_cannot_preprocess_stops_enroll_and_remembers_nothing(photos, tmp_path,
                                                                               export_dir):
     idx = tmp_path / "idx"
-    bad = tmp_path / "bad-export"
-    shutil.copytree(export_dir, bad)
+    bad = linked_export(export_dir, tmp_path / "bad-export")
     m = json.loads((bad / MANIFEST).read_text())
     m["encoders"]["image"]["preprocess"]["interpolation"] = "lanczos9"
     (bad / MANIFEST).write_text(json.dumps(m))

@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from infer_helpers import make_photos, make_sketch, one_error_line, run_cli
+from infer_helpers import linked_export, make_photos, make_sketch, one_error_line, run_cli
 
 from stbir_infer.errors import ParameterError
 from stbir_infer.paths import display
@@ -81,13 +81,10 @@ def test_a_fifo_as_a_batch_sketch_fails_that_query_only(indexed, export_dir, tmp
     ("sketch", "interpolation", "lanczos9")])
 def test_a_bad_preprocess_value_in_export_json_is_one_line_exit_2(indexed, export_dir, tmp_path,
                                                                    branch, key, value):
-    import shutil
-
     from stbir_infer.contract import MANIFEST
 
     tmp, sketch = indexed
-    bad = tmp_path / "export"
-    shutil.copytree(export_dir, bad)
+    bad = linked_export(export_dir, tmp_path / "export")
     m = json.loads((bad / MANIFEST).read_text())
     m["encoders"][branch]["preprocess"][key] = value
     (bad / MANIFEST).write_text(json.dumps(m))

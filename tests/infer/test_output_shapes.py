@@ -5,13 +5,12 @@ heap corruption, [B, 4096] returned garbage)."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from infer_helpers import make_photos, make_sketch, one_error_line, run_cli
+from infer_helpers import linked_export, make_photos, make_sketch, one_error_line, run_cli
 
 from stbir_infer.contract import MANIFEST, file_sha256
 from stbir_infer.errors import ExportDirError, QueryError
@@ -50,8 +49,8 @@ def gallery(tmp_path_factory, combiner_export):
 
 
 def _export_with(combiner_export, tmp_path, graph: bytes):
-    export = tmp_path / "export"
-    shutil.copytree(combiner_export[0], export)
+    export = linked_export(combiner_export[0], tmp_path / "export")
+    (export / "combiner.onnx").unlink()  # a hard link: writing through it would change the original
     (export / "combiner.onnx").write_bytes(graph)
     m = json.loads((export / MANIFEST).read_text())
     m["files"] = {k: file_sha256(export / k) for k in m["files"]}  # the checksum proves nothing
@@ -101,8 +100,7 @@ def test_an_encoder_of_another_output_width_is_one_line_exit_2(small_export, tmp
     """The encoders' own check (Encoders._run), pinned: a sketch graph giving [B, 7]."""
     from onnx import TensorProto, helper
 
-    export = tmp_path / "export"
-    shutil.copytree(small_export, export)
+    export = linked_export(small_export, tmp_path / "export")
     m = json.loads((export / MANIFEST).read_text())
     enc = m["encoders"]["sketch"]
     name, shape = enc["inputs"][0]["name"], enc["inputs"][0]["shape"]
@@ -115,6 +113,7 @@ def test_an_encoder_of_another_output_width_is_one_line_exit_2(small_export, tmp
         [helper.make_tensor("reps", TensorProto.INT64, [2], [1, 7])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
+    (export / enc["file"]).unlink()  # a hard link (linked_export)
     (export / enc["file"]).write_bytes(model.SerializeToString())
     m["files"] = {k: file_sha256(export / k) for k in m["files"]}
     (export / MANIFEST).write_text(json.dumps(m))
