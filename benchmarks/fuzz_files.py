@@ -15,8 +15,8 @@ does not hold, a label without a file, a non-finite score, a score that is not t
 vector it stores, or out of order, or that cannot be saved and reloaded as it is.
 
 Graph cases (``graph_cases``, with an export): combiner.onnx and sketch_encoder.onnx replaced by
-graphs whose output is [B, k] for other k, [B, 1, D], or NaN, export.json's sha256 updated: every
-query must be refused in one line (a hit is a wrong answer).
+graphs whose output is [B, k] for other k, [B, 1, D], or NaN, export.json's sha256 and fingerprint
+updated: every query must be refused in one line (a hit is a wrong answer).
 
     python benchmarks/fuzz.py --files 10000   (benchmarks/fuzz.py runs these after its own cases)
 """
@@ -352,7 +352,8 @@ def _graph(inputs: list[tuple[str, list]], output: str, out_shape: list, fill: f
 def graph_cases(export_dir: str | Path, photos: str | Path, sketch: str | Path) -> dict:
     """Every crafted graph through a query (see the module docstring), in this process (a signal
     kills the run, which is the result then)."""
-    from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, file_sha256
+    from stbir_infer.contract import (COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, file_sha256,
+                                      fingerprint)
     from stbir_infer.errors import StbirInferError
     from stbir_infer.searcher import Searcher
 
@@ -388,6 +389,7 @@ def graph_cases(export_dir: str | Path, photos: str | Path, sketch: str | Path) 
                     (export / name).write_bytes(_graph(inputs, out, shape, fill))
                     m["files"] = {**{k: v for k, v in m["files"].items()
                                      if (export / k).exists()}, name: file_sha256(export / name)}
+                    m["fingerprint"] = fingerprint(m["files"])  # as an attacker would, too
                     (export / MANIFEST).write_text(json.dumps(m))
                     counts["cases"] += 1
                     kind = f"{branch} output {shape} x {fill}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -20,13 +21,61 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, MANIFEST, SUPPORTED_EXPORT_VERSIONS,
-                                  TOKEN_EMBEDDING)
+                                  TOKEN_EMBEDDING, fingerprint)
 from stbir_infer.errors import ExportDirError
 from stbir_infer.hf_tokenizer import TOKENIZER_FILE, TOKENIZER_TYPE
 from stbir_infer.tokenizer import DEFAULT_BPE_FILE
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 TAMPERED = "sha256 does not match export.json; the export is corrupted or was modified"
+MAX_EMBED_DIM = 65536
+MAX_CONTEXT_LENGTH = 4096   # far past any text tower's (CLIP 77, BERT 512)
+MAX_TOKEN_ID = 2**31 - 1
+
+
+def _integer(lo: int, hi: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+            f"an integer from {lo} to {hi}")
+
+
+def _number(lo: float, hi: float):
+    # the range first: math.isfinite of an int past a float's range raises OverflowError
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            and lo <= v <= hi and math.isfinite(v), f"a number from {lo:g} to {hi:g}")
+
+
+# export.json values the runtime computes with: (path of keys, required, (test, what it must be)).
+# Checked when the export is loaded, so a string, a bool, NaN or an absurd size is one line and
+# exit 2 there, not an internal error (or a huge allocation) at the first query.
+_VALUE_CHECKS = (
+    (("embed_dim",), True, _integer(1, MAX_EMBED_DIM)),
+    (("fusion_weight",), True, _number(0, 1)),
+    (("fusion", "default_weight"), False, _number(0, 1)),
+    (("tokenizer", "type"), False, (lambda v: v in ("clip_bpe", TOKENIZER_TYPE),
+                                    f"'clip_bpe' or {TOKENIZER_TYPE!r}")),
+    (("tokenizer", "context_length"), False, _integer(2, MAX_CONTEXT_LENGTH)),
+    (("tokenizer", "vocab_size"), False, _integer(1, MAX_TOKEN_ID)),
+    (("tokenizer", "num_merges"), False, _integer(0, MAX_TOKEN_ID)),
+    (("tokenizer", "sot_token_id"), False, _integer(0, MAX_TOKEN_ID)),
+    (("tokenizer", "eot_token_id"), False, _integer(0, MAX_TOKEN_ID)),
+    (("tokenizer", "pad_token_id"), False, _integer(0, MAX_TOKEN_ID)),
+)
+
+
+def check_values(manifest: dict, where) -> None:
+    """ExportDirError (one line) for the first export.json value of ``_VALUE_CHECKS`` that has the
+    wrong type or is out of range; an optional value may be absent or null."""
+    if not isinstance(manifest.get("tokenizer"), dict):
+        raise ExportDirError(f"{where}: tokenizer is not a map")
+    if manifest.get("fusion") is not None and not isinstance(manifest["fusion"], dict):
+        raise ExportDirError(f"{where}: fusion is not a map")
+    for keys, required, (ok, what) in _VALUE_CHECKS:
+        parent = manifest.get(keys[0]) if len(keys) > 1 else manifest
+        value = parent.get(keys[-1]) if isinstance(parent, dict) else None
+        if value is None and not required:
+            continue
+        if not ok(value):
+            raise ExportDirError(f"{where}: {'.'.join(keys)} is {repr(value)[:40]}, not {what}")
 
 
 def export_path(model_dir: str | Path, rel) -> Path:
@@ -98,7 +147,7 @@ def read_export_manifest(model_dir: str | Path) -> dict:
         raise ExportDirError(f"{model_dir}: not an STBIR export dir (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
         raise ExportDirError(f"{path}: not readable JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise ExportDirError(f"{path}: not an STBIR export manifest (format is not {EXPORT_FORMAT!r})")
@@ -113,6 +162,12 @@ def read_export_manifest(model_dir: str | Path) -> dict:
     if not isinstance(files, dict) or not all(
             isinstance(v, str) and _SHA256.fullmatch(v) for v in files.values()):
         raise ExportDirError(f"{path}: files is not a map of file name to sha256")
+    if manifest["fingerprint"] != fingerprint(files):
+        # An index records the fingerprint (and space) of the export that built it: an edited
+        # files map under the old fingerprint would pass for that export.
+        raise ExportDirError(f"{path}: fingerprint does not match its files (sha256 of the "
+                             "files map); the export was modified after it was written")
+    check_values(manifest, path)
     if not isinstance(manifest["encoders"], dict):
         raise ExportDirError(f"{path}: encoders is not a map")
     for rel in files:
@@ -184,5 +239,6 @@ def read_verified(model_dir: Path, manifest: dict, rel: str) -> bytes:
     return data
 
 
-__all__ = ["TAMPERED", "export_path", "npy_from_bytes", "read_export_manifest", "read_verified",
-           "required_files", "verify_files"]
+__all__ = ["MAX_CONTEXT_LENGTH", "MAX_EMBED_DIM", "TAMPERED", "check_values", "export_path",
+           "npy_from_bytes", "read_export_manifest", "read_verified", "required_files",
+           "verify_files"]

@@ -10,6 +10,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from stbir_infer.cli import main
+from stbir_infer.contract import fingerprint
 from stbir_infer.gallery import GalleryIndex
 
 FORBIDDEN = ("torch", "torchvision", "open_clip", "models", "stbir_train", "stbir_export", "tqdm")
@@ -64,3 +65,29 @@ def linked_export(src: Path, dst: Path) -> Path:
     (dst / "export.json").unlink()
     shutil.copy(src / "export.json", dst / "export.json")
     return dst
+
+
+def refingerprint(manifest: dict) -> dict:
+    """``manifest`` (an export.json dict) with its fingerprint recomputed from its files map, as
+    the exporter writes it. The runtime refuses an export whose fingerprint does not match its
+    files; a test that rewrites a file and its sha256 to test something else calls this."""
+    manifest["fingerprint"] = fingerprint(manifest["files"])
+    return manifest
+
+
+def another_identity(export: Path) -> str:
+    """Give the export dir ``export`` (a copy) another identity, as a new export of other weights
+    has: one more file listed in export.json, so its files map and fingerprint differ. Returns the
+    new fingerprint (the graphs and the ``space`` are unchanged)."""
+    import hashlib
+    import json
+
+    data = b"another export\n"
+    (export / "identity.txt").write_bytes(data)
+    path = export / "export.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"]["identity.txt"] = hashlib.sha256(data).hexdigest()
+    refingerprint(manifest)
+    path.unlink()  # it may be a hard link (linked_export copies it, but be safe)
+    path.write_text(json.dumps(manifest))
+    return manifest["fingerprint"]

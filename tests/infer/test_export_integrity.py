@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stbir_infer.contract import fingerprint
 from stbir_infer.encoders import Encoders
 from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError
 
@@ -41,9 +42,13 @@ def replace(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def edit_manifest(export: Path, change) -> dict:
+def edit_manifest(export: Path, change, *, refingerprint: bool = True) -> dict:
+    """Apply ``change`` to export.json; the fingerprint is then recomputed from the files map (as
+    whoever rewrote a file and its sha256 would), unless ``refingerprint`` is False."""
     manifest = json.loads((export / "export.json").read_text())
     change(manifest)
+    if refingerprint and isinstance(manifest.get("files"), dict):
+        manifest["fingerprint"] = fingerprint(manifest["files"])
     replace(export / "export.json", json.dumps(manifest).encode())
     return manifest
 

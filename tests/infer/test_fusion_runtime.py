@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 import pytest
-from infer_helpers import make_photos, make_sketch, one_error_line, run_cli
+from infer_helpers import make_photos, make_sketch, one_error_line, refingerprint, run_cli
 
 from stbir_infer.contract import MANIFEST, file_sha256
 from stbir_infer.errors import ExportDirError, QueryError
@@ -105,7 +105,7 @@ def _rewrite(export, edit):
     m = json.loads((export / MANIFEST).read_text())
     edit(m)
     m["files"] = {k: file_sha256(export / k) for k in m["files"]}
-    (export / MANIFEST).write_text(json.dumps(m))
+    (export / MANIFEST).write_text(json.dumps(refingerprint(m)))
 
 
 @pytest.mark.parametrize("where", ["manifest", "graph"])

@@ -12,7 +12,8 @@ import sys
 import textwrap
 
 import pytest
-from infer_helpers import FORBIDDEN, make_photos, make_sketch, one_error_line, run_cli
+from infer_helpers import (FORBIDDEN, another_identity, make_photos, make_sketch, one_error_line,
+                           run_cli)
 
 from stbir_infer import store
 from stbir_infer.errors import IndexFormatError, ModelMismatchError
@@ -100,8 +101,8 @@ def test_index_from_another_export_is_refused(export_dir, tmp_path):
     Searcher(export_dir, idx).enroll(tmp_path / "p")
     other = tmp_path / "other_export"
     shutil.copytree(export_dir, other)
+    another_identity(other)  # another fingerprint, as a different checkpoint's export carries
     manifest = json.loads((other / "export.json").read_text())
-    manifest["fingerprint"] = "f" * 64  # what a different checkpoint's export would carry
     manifest["space"] = "e" * 64  # (its own weights: another embedding space, tests/infer/test_space.py)
     (other / "export.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelMismatchError, match="embedding space"):
