@@ -145,11 +145,16 @@ def parity(path: Path, feeds: dict, want: np.ndarray, what: str) -> dict:
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
-    """onnxruntime dynamic quantisation: int8 weights, activations quantised at run time."""
+    """onnxruntime dynamic quantisation: int8 weights, activations quantised at run time.
+
+    Per output channel: one scale per weight column instead of one per tensor. On the trained
+    MiniLM text tower (real Flickr8k captions) that lifted the lowest cosine to fp32 from 0.957
+    to 0.990 at the same speed (1.9 vs 1.7 ms; fp32 4.0); per tensor cost text R@10 1.5 points."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_logs("onnxruntime"):  # its "consider pre-processing" advice is noise here
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OP_TYPES,
+                         per_channel=True)
 
 
 def int8_cosine(model, encoder: str, fp32: Path, int8: Path, table: np.ndarray | None,

@@ -312,7 +312,7 @@ data:
   seed: 0
   cache_anchors: true       # their vectors computed once: each step runs the sketch tower only
   stages:                   # the image and text towers are the sketch stage's anchors
-    - {{target: sketch, epochs: 3, lr: 0.0005, weight_decay: 0.05}}
+    - {{target: sketch, epochs: 2, lr: 0.0005, weight_decay: 0.05}}
 loss:
   temperature: 0.07
   arcface_labels: virtual_class

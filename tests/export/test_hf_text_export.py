@@ -17,7 +17,8 @@ import torch
 
 @pytest.fixture(scope="module")
 def hf_run(tiny_dataset, tiny_bert, tmp_path_factory, write_config):
-    """(checkpoint, export dir, export.json) of one epoch of the tiny preset with the tiny BERT."""
+    """(checkpoint, export dir, export.json): the seed's staged schedule (sketch, image, text;
+    the text tower is the first two stages' anchor) on the tiny preset with the tiny BERT."""
     from stbir_export import export_checkpoint
     from stbir_train.config import load_config
     from stbir_train.train import train
@@ -26,8 +27,8 @@ def hf_run(tiny_dataset, tiny_bert, tmp_path_factory, write_config):
     config = write_config(tiny_dataset, tmp, **{
         "model.preset": "tiny", "model.text_model": str(tiny_bert), "model.text_proj": "mlp",
         "model.text_unlocked_layers": 1, "model.trunk_lr_scale": 0.5,
-        "training.stages": [{"target": "text", "epochs": 1, "lr": 1e-3},
-                            {"target": "sketch", "epochs": 1, "lr": 1e-3}]})
+        "training.stages": [{"target": t, "epochs": 1, "lr": 1e-3}  # the seed's schedule
+                            for t in ("sketch", "image", "text")]})
     summary = train(load_config(config), log=lambda *a, **k: None)
     ckpt = summary["last_path"]
     manifest = export_checkpoint(ckpt, tmp / "export", quantize="int8", log=lambda *a, **k: None)
