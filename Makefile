@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo real bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,13 @@ test-slow: install
 
 demo: install
 	OUT=$(OUT) PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
+
+# The real-photo model (README "Search your own photos"): Flickr8k and a local sentence encoder.
+DATA ?= ../shared/data/flickr8k
+TEXT_MODEL ?= $(HOME)/.cache/stbir/all-MiniLM-L6-v2
+WEIGHTS ?= ../shared/data/weights/mobilenet_v2_imagenet.pt
+real: install
+	$(BIN)/python benchmarks/real_photos.py $(DATA) --text-model $(TEXT_MODEL) --weights $(WEIGHTS) --out runs/real8k
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

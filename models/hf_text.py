@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import ModelError
+from models.scoped import quiet_logs
 from stbir_infer.errors import TokenizerError
 from stbir_infer.hf_tokenizer import HFTokenizer
 
@@ -106,9 +107,10 @@ def build_clip(arch: dict, files: dict[str, str], *, weights_dir: str | None, pr
         text_cfg = dict(hf_model_name=str(source), hf_tokenizer_name=str(source),
                         hf_pooler_type="mean_pooler", hf_proj_type=proj,
                         hf_model_pretrained=weights_dir is not None, context_length=context_length)
-        try:
-            clip = open_clip.CustomTextCLIP(embed_dim=arch["embed_dim"],
-                                            vision_cfg=arch["vision_cfg"], text_cfg=text_cfg)
+        try:  # transformers says the unused pooler weights "were not used": expected, quiet
+            with quiet_logs("transformers"):
+                clip = open_clip.CustomTextCLIP(embed_dim=arch["embed_dim"],
+                                                vision_cfg=arch["vision_cfg"], text_cfg=text_cfg)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"text_model {weights_dir or ''}: transformers could not build it "
                              f"({' '.join(str(exc).split())[:200]})") from None

@@ -13,6 +13,7 @@ import copy
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -174,7 +175,9 @@ class STBIRModel(nn.Module):
         if target in ("text", "all") and self.spec.text_unlocked_layers >= 0:
             hf_text.lock(self.clip.text, self.spec.text_unlocked_layers)
         if target in ("image", "all") and self.spec.image_unlocked_layers >= 0:
-            self.clip.visual.lock(unlocked_groups=self.spec.image_unlocked_layers)
+            with warnings.catch_warnings():  # open_clip imports timm.models.helpers (deprecated)
+                warnings.simplefilter("ignore", FutureWarning)
+                self.clip.visual.lock(unlocked_groups=self.spec.image_unlocked_layers)
         if self.combiner is not None:  # learns in its own stage and jointly with "all"
             self.combiner.requires_grad_(target in ("combiner", "all"))
         self.train(self.training)
