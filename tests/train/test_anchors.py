@@ -47,7 +47,7 @@ def test_a_step_on_cached_anchors_is_the_step_on_the_towers(tiny_dataset, tmp_pa
         model.zero_grad(set_to_none=True)
         loss = total_loss(step_losses(model, batch, cfg.loss, "sketch"), cfg.loss)
         loss.backward()
-        return float(loss), torch.cat([p.grad.flatten() for p in model.sketch.parameters()])
+        return float(loss.detach()), torch.cat([p.grad.flatten() for p in model.sketch.parameters()])
 
     cached = default_collate([ds[i] for i in items])
     assert "image" not in cached and "image_vec" in cached  # the photos were not even decoded
