@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from models import build_model
-from models.frozen import image_split, text_split
 from models.checkpoint import load_tensors
 from models.errors import CheckpointError
+from models.frozen import image_split, text_split
 from stbir_infer.contract import atomic_write, atomic_write_text
 from stbir_infer.preprocess import preprocess
 from stbir_train import losses as L
@@ -54,11 +54,11 @@ def split_photos(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-class Encoders:
+class CachedTowers:
     """Photo and caption indices -> embeddings for the pretrain loop. A tower's locked part
-    (``models.frozen``) runs once per photo or caption, here, and
-    each step runs only what learns: with the real-photo recipe's locked sentence encoder and
-    the top image layers learning, an epoch costs seconds instead of minutes."""
+    (``models.frozen``) runs once per photo or caption, here, and each step runs only what
+    learns: with the real-photo recipe's locked sentence encoder and the top image layers
+    learning, an epoch costs seconds instead of minutes."""
 
     def __init__(self, model, pixels: torch.Tensor, tokens: torch.Tensor, log, batch: int = 256):
         self.model, self.pixels, self.tokens = model, pixels, tokens
@@ -94,7 +94,7 @@ class Encoders:
 
 
 @torch.no_grad()
-def retrieval(model, enc: Encoders, photos: np.ndarray, captions: np.ndarray, owner: np.ndarray,
+def retrieval(model, enc: CachedTowers, photos: np.ndarray, captions: np.ndarray, owner: np.ndarray,
               batch: int = 256) -> dict:
     """image->text (a photo is found when any of its captions ranks within k) and text->image
     R@k over the photos and captions of those indices, caption c's photo being ``owner[c]``
@@ -146,7 +146,7 @@ def pretrain(cfg: Config, resume: str | Path | None = None, log=print) -> dict:
     groups = model.param_groups(pt.lr)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=pt.lr, weight_decay=pt.weight_decay)
-    enc = Encoders(model, pixels, tokens, log)
+    enc = CachedTowers(model, pixels, tokens, log)
     start, history = 0, []
     if resume is not None:
         state = _read_state(Path(resume))
