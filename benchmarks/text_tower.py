@@ -49,6 +49,9 @@ ROWS = {
 
 def write_config(data: Path, out: Path, overrides: dict) -> Path:
     cfg = yaml.safe_load((data / "config.yaml").read_text())
+    # Every row starts where sketchify's config starts: ImageNet weights in the image tower (the
+    # file both visual towers name), not a clip.pt that a finished run may have set.
+    cfg["model"]["pretrained"] = cfg["model"]["sketch_pretrained"]
     cfg["output_dir"] = str(out)
     cfg["data"]["root"] = str(data)
     for k in ("captions", "images"):
