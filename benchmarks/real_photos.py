@@ -37,6 +37,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
+
+from benchmarks import common  # noqa: E402
 CATEGORY = "photos"
 
 
@@ -66,13 +68,8 @@ def configure(config: Path, args) -> None:
         data["pretrain"]["epochs"] = args.pretrain_epochs
     data["model"]["sketch_resize"] = args.sketch_resize
     data["model"]["image_resize"] = args.image_resize
-    for item in args.set:
-        key, _, value = item.partition("=")
-        node = data
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = yaml.safe_load(value)
+    common.set_dotted(data, {k: yaml.safe_load(v) for k, _, v in
+                             (item.partition("=") for item in args.set)})
     config.write_text(yaml.safe_dump(data, sort_keys=False))
 
 

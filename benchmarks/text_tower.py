@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
+from benchmarks import common  # noqa: E402
+
 # name -> (what it measures, overrides). Epoch counts put the text-tower rows at about equal
 # wall time on two cores: the locked tower is computed once, a tuned one runs every step.
 ROWS = {
@@ -56,12 +58,7 @@ def write_config(data: Path, out: Path, overrides: dict) -> Path:
     cfg["data"]["root"] = str(data)
     for k in ("captions", "images"):
         cfg["pretrain"][k] = str(data / cfg["pretrain"][k])
-    for key, value in overrides.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    common.set_dotted(cfg, overrides)
     path = out / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

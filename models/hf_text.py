@@ -91,14 +91,14 @@ def build_clip(arch: dict, files: dict[str, str], *, weights_dir: str | None, pr
                context_length: int):
     """open_clip's CustomTextCLIP: ``arch``'s image tower (an open_clip model config: embed_dim,
     vision_cfg) and the HF text tower of ``files``; its weights from ``weights_dir`` when given
-    (a fresh model), else random (a checkpoint's state dict comes next)."""
+    (a fresh model), else random (a checkpoint's state dict comes next). ``files`` are checked
+    already (``read_text_model`` or ``check_files``)."""
     import open_clip
     from open_clip.model import set_model_preprocess_cfg
     from open_clip.transform import PreprocessCfg
 
     if proj not in PROJECTIONS:
         raise ModelError(f"text_proj must be one of {', '.join(PROJECTIONS)}, got {proj!r}")
-    config = check_files(files, "text model", context_length)
     with tempfile.TemporaryDirectory(prefix="stbir-text-") as tmp:
         source = weights_dir
         if source is None:  # open_clip reads the architecture from a folder's config.json
@@ -117,8 +117,6 @@ def build_clip(arch: dict, files: dict[str, str], *, weights_dir: str | None, pr
     preprocess = asdict(PreprocessCfg())  # open_clip's defaults, as create_model starts from
     preprocess["size"] = clip.visual.image_size
     set_model_preprocess_cfg(clip, preprocess)
-    if config.get("pad_token_id", 0) != clip.text.config.pad_token_id:
-        raise ModelError("text_model: config.json's pad_token_id did not reach the model")
     return clip
 
 

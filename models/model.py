@@ -113,9 +113,11 @@ class STBIRModel(nn.Module):
         if spec.text_context_length < 2:
             raise ModelError(f"text_context_length must be >= 2, got {spec.text_context_length}")
         weights_dir = None
-        if text_files is None:
+        if text_files is None:  # a fresh model: the folder, checked, and its weights
             text_files = hf_text.read_text_model(spec.text_model)
             weights_dir = str(Path(spec.text_model).expanduser())
+        else:  # a checkpoint's copy of the folder's files
+            hf_text.check_files(text_files, f"text_model {spec.text_model}")
         self.text_files = dict(text_files)
         return hf_text.build_clip(arch, self.text_files, weights_dir=weights_dir,
                                   proj=spec.text_proj, context_length=spec.text_context_length)
