@@ -95,8 +95,8 @@ def evaluate(cfg_path: Path, ckpt: str) -> dict:
 def latencies(exports: dict[str, Path], threads: int, repeats: int) -> dict:
     """p50 ms of each export's encoders at batch 1 (onnxruntime fp32), alternating exports."""
     import numpy as np
-
     from encoders import make_inputs
+
     from stbir_infer.encoders import Encoders
 
     encs = {name: Encoders(d, threads=threads) for name, d in exports.items()}

@@ -107,8 +107,8 @@ def main(argv=None) -> dict:
 
     from stbir_infer import gallery as _gallery
     from stbir_infer import preprocess as _pre
-    from stbir_infer.encoders import Encoders
     from stbir_infer.contract import file_sha256
+    from stbir_infer.encoders import Encoders
     from stbir_infer.enroll_pipeline import STAGES, default_workers
     from stbir_infer.searcher import Searcher
 

@@ -352,8 +352,7 @@ def _graph(inputs: list[tuple[str, list]], output: str, out_shape: list, fill: f
 def graph_cases(export_dir: str | Path, photos: str | Path, sketch: str | Path) -> dict:
     """Every crafted graph through a query (see the module docstring), in this process (a signal
     kills the run, which is the result then)."""
-    from stbir_infer.contract import (COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, file_sha256,
-                                      fingerprint)
+    from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, file_sha256, fingerprint
     from stbir_infer.errors import StbirInferError
     from stbir_infer.searcher import Searcher
 

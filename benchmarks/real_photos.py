@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
 from benchmarks import common  # noqa: E402
+
 CATEGORY = "photos"
 
 

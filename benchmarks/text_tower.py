@@ -69,10 +69,10 @@ def score(config: Path, data: Path) -> dict:
     """R@k of the pretrained towers on the test photos (torch, the checkpoint's clip.pt)."""
     import torch
 
+    from models import build_model
     from stbir_infer.preprocess import open_image, preprocess
     from stbir_train.config import load_config
     from stbir_train.pretrain import KS
-    from models import build_model
 
     cfg = load_config(config)
     spec = cfg.model.spec()
@@ -94,7 +94,7 @@ def score(config: Path, data: Path) -> dict:
     sim = (txt @ img.T).numpy()
     t_rank = (sim > sim[np.arange(len(owner)), owner][:, None]).sum(1)
     best = np.array([sim[owner == p, p].max() for p in range(len(photos))])
-    i_rank = (sim.T > best[:, None]).sum(1)
+    i_rank = (best[:, None] < sim.T).sum(1)
     return {"text->image": {f"R@{k}": float((t_rank < k).mean()) for k in KS},
             "image->text": {f"R@{k}": float((i_rank < k).mean()) for k in KS},
             "median_rank_text": float(np.median(t_rank + 1)),

@@ -17,20 +17,30 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from models import CheckpointError, ModelError, load_model, open_clip_scope
 from models.space import embedding_space
-from stbir_export import combiner as combiner_export, graphs, quantize as quantization
+from stbir_export import combiner as combiner_export
+from stbir_export import graphs
+from stbir_export import quantize as quantization
 from stbir_export import verify as verification
 from stbir_export.errors import ExportError
 from stbir_export.tokenizer import write_tokenizer
-from stbir_infer.contract import (COMBINER_FORMAT_VERSION, EXPORT_FORMAT, EXPORT_FORMAT_VERSION,
-                                  GRAPH_FILES, GRAPH_OUTPUT, MANIFEST, TOKEN_EMBEDDING,
-                                  file_sha256, fingerprint)
+from stbir_infer.contract import (
+    COMBINER_FORMAT_VERSION,
+    EXPORT_FORMAT,
+    EXPORT_FORMAT_VERSION,
+    GRAPH_FILES,
+    GRAPH_OUTPUT,
+    MANIFEST,
+    TOKEN_EMBEDDING,
+    file_sha256,
+    fingerprint,
+)
 
 QUANTIZE = ("int8",)
 

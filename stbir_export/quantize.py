@@ -50,7 +50,8 @@ import numpy as np
 from models.scoped import quiet_logs
 from stbir_export import verify as verification
 from stbir_export.errors import ExportError
-from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, load as load_image
+from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError
+from stbir_infer.preprocess import load as load_image
 from stbir_infer.session import SessionSettings, open_session
 
 AUTO = "auto"
@@ -187,8 +188,8 @@ class _Batches:
 def quantize_static(src: Path, dst: Path, pixels: np.ndarray, input_name: str = "pixels") -> None:
     """QDQ static quantisation of ``src``'s convolutional ops, calibrated on ``pixels``
     [N, C, S, S]; then dynamic int8 for its MatMul / Gemm."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static as ort_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process
+    from onnxruntime.quantization import quantize_static as ort_static
 
     with tempfile.TemporaryDirectory(prefix="stbir-quant-") as scratch, quiet_logs("onnxruntime"), \
             contextlib.redirect_stdout(io.StringIO()):  # its calibrator prints progress per batch

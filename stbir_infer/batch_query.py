@@ -23,7 +23,8 @@ file; a line longer than ``MAX_LINE_BYTES`` is an error record without being rea
 from __future__ import annotations
 
 import json
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
 from stbir_infer.errors import QueryError
 from stbir_infer.paths import display

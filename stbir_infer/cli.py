@@ -170,9 +170,8 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
         raise click.UsageError("give --sketch FILE, --text TEXT or both")
     if sketch is not None and not os.path.isfile(sketch):
         raise click.BadParameter(f"{sketch}: no such file", param_hint="--sketch")
-    from stbir_infer.searcher import Searcher
-
     from stbir_infer.paths import display
+    from stbir_infer.searcher import Searcher
 
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
                         precision="int8" if int8 else "fp32", provider=provider)

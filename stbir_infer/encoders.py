@@ -12,18 +12,23 @@ Every encoder output is checked to be finite (NonFiniteEmbeddingError otherwise)
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from stbir_infer import export_dir
 from stbir_infer import preprocess as _pre
-from stbir_infer.contract import (BRANCHES, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT,
-                                  TOKEN_EMBEDDING, embedding_space)
+from stbir_infer.contract import (
+    BRANCHES,
+    GRAPH_OUTPUT,
+    MANIFEST,
+    QUERY_NEEDS_INPUT,
+    TOKEN_EMBEDDING,
+    embedding_space,
+)
 from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError, first_line
-from stbir_infer.export_dir import (TAMPERED, export_path, npy_from_bytes, read_export_manifest,
-                                    required_files)
+from stbir_infer.export_dir import TAMPERED, export_path, npy_from_bytes, read_export_manifest, required_files
 from stbir_infer.hf_tokenizer import TOKENIZER_TYPE, HFTokenizer
 from stbir_infer.session import DEFAULT_PROVIDER, SPINNING, SessionSettings, open_session
 from stbir_infer.tokenizer import Tokenizer

@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image

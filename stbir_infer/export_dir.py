@@ -20,8 +20,14 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from stbir_infer.contract import (BRANCHES, EXPORT_FORMAT, MANIFEST, SUPPORTED_EXPORT_VERSIONS,
-                                  TOKEN_EMBEDDING, fingerprint)
+from stbir_infer.contract import (
+    BRANCHES,
+    EXPORT_FORMAT,
+    MANIFEST,
+    SUPPORTED_EXPORT_VERSIONS,
+    TOKEN_EMBEDDING,
+    fingerprint,
+)
 from stbir_infer.errors import ExportDirError
 from stbir_infer.hf_tokenizer import TOKENIZER_FILE, TOKENIZER_TYPE
 from stbir_infer.tokenizer import DEFAULT_BPE_FILE

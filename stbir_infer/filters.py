@@ -17,7 +17,7 @@ crossover at ~1% there, ~0.3% of a million 128-d vectors and ~0.16% of a million
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from stbir_infer.errors import EnrollError, QueryError
 from stbir_infer.roots import folder_of, in_folder

@@ -14,9 +14,9 @@ Saving and loading go through ``stbir_infer.store`` (generations, CURRENT, check
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class HnswParams:
             raise ParameterError(f"HNSW M must be <= 512 and ef <= {index_meta.MAX_EF}")
 
     @classmethod
-    def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> "HnswParams":
+    def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> HnswParams:
         """The contract defaults, overridden where a value is given (None: the default)."""
         d = cls()
         return cls(M=d.M if M is None else M,
@@ -105,17 +105,17 @@ class GalleryIndex:
 
     # -- load / create -------------------------------------------------------------------------
     @classmethod
-    def create(cls, *, dim: int, model: dict, params: HnswParams | None = None) -> "GalleryIndex":
+    def create(cls, *, dim: int, model: dict, params: HnswParams | None = None) -> GalleryIndex:
         return cls(dim=dim, model=model, params=params or HnswParams())
 
     @classmethod
-    def load(cls, index_dir: str | Path, *, threads: int | None = None) -> "GalleryIndex":
+    def load(cls, index_dir: str | Path, *, threads: int | None = None) -> GalleryIndex:
         """Load the live generation (its index.bin verified against meta.json's checksum)."""
         return store.load_current(index_dir, lambda gen_dir, meta: cls._from_generation(
             gen_dir, meta, threads=threads))
 
     @classmethod
-    def _from_generation(cls, gen_dir: Path, meta: dict, *, threads: int | None = None) -> "GalleryIndex":
+    def _from_generation(cls, gen_dir: Path, meta: dict, *, threads: int | None = None) -> GalleryIndex:
         import hnswlib
 
         params = HnswParams(**meta["hnsw"])  # every field checked by index_meta.read_meta

@@ -62,7 +62,7 @@ class HFTokenizer:
                                  f"{self.vocab_size} ids")
 
     @classmethod
-    def from_export(cls, cfg: dict, read) -> "HFTokenizer":
+    def from_export(cls, cfg: dict, read) -> HFTokenizer:
         """From export.json's ``tokenizer`` entry; ``read(name)`` returns verified bytes."""
         rel = cfg.get("file", TOKENIZER_FILE)
         tok = cls(read(rel), context_length=cfg.get("context_length"),

@@ -54,6 +54,7 @@ from PIL import Image, ImageFile, ImageOps
 from stbir_infer.contract import MANIFEST
 from stbir_infer.errors import ExportDirError, ImageDecodeError
 
+
 class SpecError(ExportDirError, ValueError):
     """An input spec this runtime cannot follow (an export's ``preprocess``): exit 2, and enroll
     stops instead of skipping every photo. Still a ValueError, as it was."""

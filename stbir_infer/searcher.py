@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,9 +22,15 @@ from stbir_infer import store
 from stbir_infer.contract import QUERY_NEEDS_INPUT
 from stbir_infer.encoders import Encoders
 from stbir_infer.enroll import EnrollReport, enroll
-from stbir_infer.errors import (ImageDecodeError, IndexFormatError, IndexNotFoundError,
-                                ModelMismatchError, NonFiniteEmbeddingError, ParameterError,
-                                QueryError)
+from stbir_infer.errors import (
+    ImageDecodeError,
+    IndexFormatError,
+    IndexNotFoundError,
+    ModelMismatchError,
+    NonFiniteEmbeddingError,
+    ParameterError,
+    QueryError,
+)
 from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion, check_weight, query_mode
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
@@ -259,7 +266,7 @@ class Searcher:
                 raise first
         return out
 
-    def _checked(self, sketch, text, top_k, sketch_weight, min_score) -> "_Checked":
+    def _checked(self, sketch, text, top_k, sketch_weight, min_score) -> _Checked:
         """A query's arguments checked (QueryError otherwise); a blank text is no text."""
         if top_k is None:
             raise QueryError("top_k must be an integer >= 1, not None")
@@ -301,7 +308,7 @@ class Searcher:
             vectors.update((i, got[row]) for row, (i, _) in enumerate(part) if row not in bad)
         return vectors
 
-    def _answer(self, idx: GalleryIndex, q: "_Checked", s, t, where=None) -> list[Hit]:
+    def _answer(self, idx: GalleryIndex, q: _Checked, s, t, where=None) -> list[Hit]:
         hits = self._search(idx, self.fusion.combine(s, t, q.sketch_weight), q.top_k, where)
         return hits if q.floor is None else [h for h in hits if h.score >= q.floor]
 

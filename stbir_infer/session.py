@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from stbir_infer.errors import ExportDirError, ProviderError, first_line
 

@@ -34,17 +34,18 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 from stbir_infer.contract import HNSW_SPACE, atomic_write_text, file_sha256, fsync_dir
 from stbir_infer.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 from stbir_infer.index_meta import (  # meta.json: its format, reading and checking every field
     INDEX_FORMAT,
     INDEX_FORMAT_VERSION,
-    META_FILE,
     MAX_GENERATION,
+    META_FILE,
     read_meta,
 )
 
@@ -138,7 +139,7 @@ class WriterLock:
         self.index_dir = Path(index_dir)
         self._fd: int | None = None
 
-    def acquire(self) -> "WriterLock":
+    def acquire(self) -> WriterLock:
         import fcntl
 
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +173,7 @@ class WriterLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

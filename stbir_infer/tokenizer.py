@@ -12,9 +12,9 @@ import gzip
 import html
 import string
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 import ftfy
 import numpy as np
@@ -26,7 +26,7 @@ SOT, EOT = "<start_of_text>", "<end_of_text>"
 DEFAULT_BPE_FILE = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
 
 
-@lru_cache()
+@lru_cache
 def bytes_to_unicode() -> dict[int, str]:
     """Reversible map of the 256 byte values to printable unicode characters (as in GPT-2/CLIP)."""
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
@@ -122,7 +122,7 @@ class Tokenizer:
 
     @classmethod
     def from_export(cls, export_dir: str | Path, cfg: dict,
-                    read: Callable[[str], bytes] | None = None) -> "Tokenizer":
+                    read: Callable[[str], bytes] | None = None) -> Tokenizer:
         """Build from the ``tokenizer`` section of export.json (paths relative to the export dir).
 
         ``read(name)``, when given, returns the file's bytes after verifying them (``Encoders``

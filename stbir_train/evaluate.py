@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stbir_train.data import ImageCache
-from stbir_train import verification
-from stbir_train.fusion import (fused_scores, query_fused, relevant_mask, select_fusion,
-                                 weight_grid)
-from stbir_train.metrics import metrics_by_group, retrieval_metrics
 from stbir_infer.contract import atomic_write_text, file_sha256
 from stbir_infer.preprocess import preprocess
+from stbir_train import verification
+from stbir_train.data import ImageCache
+from stbir_train.fusion import fused_scores, query_fused, relevant_mask, select_fusion, weight_grid
+from stbir_train.metrics import metrics_by_group, retrieval_metrics
 
 MODES = ("sketch", "text", "sketch+text")
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, open_image
 from stbir_infer.contract import atomic_write_text
+from stbir_infer.preprocess import IMAGE_EXTENSIONS, ImageDecodeError, open_image
 from stbir_train.config import Config
 from stbir_train.errors import DataError
 

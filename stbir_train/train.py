@@ -25,10 +25,10 @@ from stbir_train.data import ImageCache, SBIRDataset
 from stbir_train.errors import ConfigError, TrainingError
 from stbir_train.evaluate import evaluate_rows
 from stbir_train.fusion import describe as describe_fusion
-from stbir_train.verification import thresholds
 from stbir_train.loop import StageRun, lr_factor, run_epoch, step_losses, total_loss
 from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
 from stbir_train.noise import NoiseSchedule
+from stbir_train.verification import thresholds
 
 __all__ = ["TrainingError", "label_names", "lr_factor", "row_labels", "step_losses", "total_loss",
            "train"]

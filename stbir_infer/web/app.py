@@ -42,12 +42,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
 
-from stbir_infer.errors import (ImageDecodeError, IndexNotFoundError, QueryError,
-                                StbirInferError)
+from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, QueryError, StbirInferError
 from stbir_infer.paths import display
 from stbir_infer.web.batcher import QueryBatcher
-from stbir_infer.web.requests import (DEFAULT_MAX_BODY, DEFAULT_MAX_TOP_K, MAX_TEXT_CHARS,
-                                      HTTPError, Query, one_line, read_query)
+from stbir_infer.web.requests import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_TOP_K,
+    MAX_TEXT_CHARS,
+    HTTPError,
+    Query,
+    one_line,
+    read_query,
+)
 from stbir_infer.web.thumbnails import check_same_site, thumbnail
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"

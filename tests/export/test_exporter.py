@@ -11,11 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from stbir_export import ExportError, export_checkpoint
-from stbir_export import exporter, verify
+from stbir_export import ExportError, export_checkpoint, exporter, verify
 from stbir_export.cli import main
 from stbir_infer import contract
-
 
 # -- the export dir -------------------------------------------------------------------------------
 

@@ -36,8 +36,9 @@ def hf_run(tiny_dataset, tiny_bert, tmp_path_factory, write_config):
 
 
 def test_training_moved_only_what_the_stage_unlocked(hf_run, tiny_bert):
-    from models import load_model
     from safetensors.torch import load_file
+
+    from models import load_model
 
     model, _ = load_model(hf_run[0])
     saved = load_file(str(tiny_bert / "model.safetensors"))
@@ -65,9 +66,10 @@ def test_export_records_the_hf_text_graph(hf_run):
 def test_runtime_text_vectors_equal_transformers(hf_run, tiny_bert):
     """onnxruntime through the shipped table and tokenizer.json against the checkpoint's torch
     tower, and its transformer against transformers' BertModel loaded the usual way."""
+    from transformers import BertModel
+
     from models import load_model
     from stbir_infer.encoders import Encoders
-    from transformers import BertModel
 
     ckpt, out, _ = hf_run
     model, _ = load_model(ckpt)

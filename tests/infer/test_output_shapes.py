@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from infer_helpers import (linked_export, make_photos, make_sketch, one_error_line, refingerprint,
-                           run_cli)
+from infer_helpers import linked_export, make_photos, make_sketch, one_error_line, refingerprint, run_cli
 
 from stbir_infer.contract import MANIFEST, file_sha256
 from stbir_infer.errors import ExportDirError, QueryError

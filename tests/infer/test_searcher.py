@@ -12,8 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from infer_helpers import (FORBIDDEN, another_identity, make_photos, make_sketch, one_error_line,
-                           run_cli)
+from infer_helpers import FORBIDDEN, another_identity, make_photos, make_sketch, one_error_line, run_cli
 
 from stbir_infer import store
 from stbir_infer.errors import IndexFormatError, ModelMismatchError

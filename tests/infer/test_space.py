@@ -19,7 +19,7 @@ def _student_export(tmp, name: str, distill: dict | None):
     export dir."""
     import torch
 
-    from models import ModelSpec, PRESETS, build_model, save_checkpoint
+    from models import PRESETS, ModelSpec, build_model, save_checkpoint
     from stbir_export import export_checkpoint
 
     torch.manual_seed(len(name))

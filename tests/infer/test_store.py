@@ -113,9 +113,8 @@ def test_second_writer_is_refused(export_dir, small_index, tmp_path):
         holder.wait()
     assert s.enroll(tmp_path / "p").unchanged == 2  # the OS released the dead holder's lock
     # In-process too: a writer that holds the lock refuses a second.
-    with store.writer_lock(idx):
-        with pytest.raises(IndexLockedError):
-            store.WriterLock(idx).acquire()
+    with store.writer_lock(idx), pytest.raises(IndexLockedError):
+        store.WriterLock(idx).acquire()
 
 
 def test_cleanup_keeps_the_live_generation_and_the_one_before(tmp_path):

@@ -25,10 +25,11 @@ def _train(tiny_dataset, tmp_path, write_config, cache: bool, target: str = "ske
 def test_a_step_on_cached_anchors_is_the_step_on_the_towers(tiny_dataset, tmp_path, write_config):
     """The same items give the same loss and the same sketch-tower gradient whether the frozen
     towers run in the step or their vectors come from the cache."""
+    from torch.utils.data import default_collate
+
     from stbir_train import train as T
     from stbir_train.config import load_config
     from stbir_train.loop import step_losses, total_loss
-    from torch.utils.data import default_collate
 
     config = write_config(tiny_dataset, tmp_path, **{
         "model.preset": "tiny", "training.cache_anchors": True, "loss.modality_dropout": 0.0,

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 from web_helpers import multipart, png_bytes
 
-from stbir_infer.web.requests import (MAX_TEXT_CHARS, HTTPError, check_origin, decode_sketch,
-                                      parse_multipart, parse_text, parse_top_k)
+from stbir_infer.web.requests import (
+    MAX_TEXT_CHARS,
+    HTTPError,
+    check_origin,
+    decode_sketch,
+    parse_multipart,
+    parse_text,
+    parse_top_k,
+)
 
 
 def test_multipart_keeps_binary_parts_exact():

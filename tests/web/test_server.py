@@ -25,7 +25,7 @@ def _raw(server, data: bytes, timeout: float = 10) -> bytes:
         while True:
             try:
                 chunk = sock.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 break
             if not chunk:
                 break
@@ -43,7 +43,7 @@ def _wait_closed(sock: socket.socket, timeout: float) -> float | None:
                 return time.monotonic() - t0
     except ConnectionResetError:
         return time.monotonic() - t0
-    except socket.timeout:
+    except TimeoutError:
         return None
 
 

@@ -4,9 +4,9 @@ HTTP client, a multipart encoder and a fake searcher for App-level tests without
 from __future__ import annotations
 
 import http.client
-import threading
 import io
 import json
+import threading
 import uuid
 from pathlib import Path
 
