@@ -77,7 +77,9 @@ def metrics(enc, v: dict) -> dict:
 
     g = v["gallery"]
     n = len(g)
-    fused = enc.fuse(v["sketch"], v["text"][v["owner"]])
+    from stbir_infer.fusion import Fusion
+
+    fused = Fusion(enc).combine(v["sketch"], v["text"][v["owner"]])
     out = {}
     for mode, (q, target) in {"sketch": (v["sketch"], v["owner"]),
                               "text": (v["text"], np.arange(n)),

@@ -127,7 +127,7 @@ def runners(searcher, gidx, queries: list[dict], mode: str):
             t2 = perf()
             t["pre_text"], t["enc_text"] = t1 - t0, t2 - t1
         t0 = perf()
-        vec = enc.fuse(s_vec, t_vec)
+        vec = searcher.fusion.combine(s_vec, t_vec)
         t1 = perf()
         gidx.search(vec, TOP_K, ef=ef)
         t2 = perf()

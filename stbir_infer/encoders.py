@@ -23,29 +23,14 @@ from stbir_infer.contract import (
     BRANCHES,
     GRAPH_OUTPUT,
     MANIFEST,
-    QUERY_NEEDS_INPUT,
     TOKEN_EMBEDDING,
     embedding_space,
 )
-from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, QueryError, first_line
+from stbir_infer.errors import ExportDirError, NonFiniteEmbeddingError, first_line
 from stbir_infer.export_dir import TAMPERED, export_path, npy_from_bytes, read_export_manifest, required_files
 from stbir_infer.hf_tokenizer import TOKENIZER_TYPE, HFTokenizer
 from stbir_infer.session import DEFAULT_PROVIDER, SPINNING, SessionSettings, open_session
 from stbir_infer.tokenizer import Tokenizer
-
-
-def _normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def fuse(sketch: np.ndarray | None, text: np.ndarray | None, weight: float) -> np.ndarray:
-    """Sketch+text query vector: normalize(w * s + (1 - w) * t); either half alone is the query."""
-    if sketch is None and text is None:
-        raise QueryError(QUERY_NEEDS_INPUT)
-    if sketch is None or text is None:
-        return np.asarray(text if sketch is None else sketch, np.float32)
-    return _normalize(weight * np.asarray(sketch, np.float32) + (1 - weight) * np.asarray(text, np.float32))
 
 
 class Encoders:
@@ -69,7 +54,6 @@ class Encoders:
         self.precision = precision
         self.session_settings = SessionSettings(threads=threads, provider=provider, spinning=spinning)
         self.embed_dim = int(self.manifest["embed_dim"])
-        self.fusion_weight = float(self.manifest["fusion_weight"])
         self.fingerprint = str(self.manifest["fingerprint"])
         if precision == "int8":
             for branch in BRANCHES:
@@ -99,7 +83,7 @@ class Encoders:
         m = self.manifest
         return {"model_dir": str(self.model_dir.resolve()), "fingerprint": self.fingerprint,
                 "clip_model": m.get("clip_model"), "embed_dim": self.embed_dim,
-                "fusion_weight": self.fusion_weight, "opset": m.get("opset"),
+                "fusion_weight": m["fusion_weight"], "opset": m.get("opset"),
                 "precision": self.precision, "format_version": m.get("format_version")}
 
     def model_record(self) -> dict:
@@ -254,16 +238,5 @@ class Encoders:
         rows = len(next(iter(feeds.values())))
         return self._run("text", feeds) if rows else np.zeros((0, self.embed_dim), np.float32)
 
-    def fuse(self, sketch: np.ndarray | None, text: np.ndarray | None) -> np.ndarray:
-        return fuse(sketch, text, self.fusion_weight)
 
-    def query_vector(self, sketch=None, text: str | None = None) -> np.ndarray:
-        """One query [D]: a sketch (path / PIL image), a text, or both fused with the export's weight."""
-        if sketch is None and (text is None or not str(text).strip()):
-            raise QueryError(QUERY_NEEDS_INPUT)
-        s = self.sketch([sketch])[0] if sketch is not None else None
-        t = self.text([text])[0] if text is not None and str(text).strip() else None
-        return self.fuse(s, t)
-
-
-__all__ = ["BRANCHES", "Encoders", "fuse"]
+__all__ = ["BRANCHES", "Encoders"]

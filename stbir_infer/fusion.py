@@ -10,8 +10,11 @@ Fusion of a sketch vector ``s`` and a text vector ``t`` with sketch weight ``w``
   ``a = (w - w0) / (1 - w0)``; below it toward the text-only vector with ``a = (w0 - w) / w0``.
   So ``w = 1`` is exactly the sketch-only query and ``w = 0`` the text-only one, as for the mean.
 
-A query's mode is ``sketch``, ``text`` or ``sketch+text``; the export's thresholds are per mode
-(sketch-only scores sit lower than fused ones), calibrated on validation at the default weight.
+An example photo (``--image``, "more like this") is mixed into that vector with its own weight
+(``Fusion.query``). A query's mode names its inputs (``sketch``, ``text``, ``sketch+text``,
+``image``, ``image+text``...: ``query_spec.mode_of``); the export's thresholds are per mode
+(sketch-only scores sit lower than fused ones), calibrated on validation at the default weight;
+modes with a photo have none (a photo's own neighbours score far above any text or sketch).
 """
 
 from __future__ import annotations
@@ -23,46 +26,16 @@ import numpy as np
 
 from stbir_infer.contract import COMBINER_INPUTS, GRAPH_OUTPUT, MANIFEST, QUERY_NEEDS_INPUT
 from stbir_infer.errors import ExportDirError, QueryError, first_line
+from stbir_infer.query_spec import AUTO, check_weight, parse_min_score
 from stbir_infer.session import open_session
 
-AUTO = "auto"
-
+# The example photo's share in a photo + text (or + sketch) query: picked on Flickr8k validation
+# by benchmarks/image_weight.py (results/image_weight.json).
+DEFAULT_IMAGE_WEIGHT = 0.5
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def check_weight(weight) -> float | None:
-    """``sketch_weight`` as a float in [0, 1] (None stays None); QueryError otherwise."""
-    if weight is None:
-        return None
-    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(weight)) or not 0.0 <= float(weight) <= 1.0:
-        raise QueryError(f"sketch_weight must be a number from 0 to 1, not {weight!r}")
-    return float(weight)
-
-
-def parse_min_score(value):
-    """``min_score``: None, "auto", or a finite number (strings of numbers too); QueryError else."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
-        return None if value is None else AUTO
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise QueryError(f"min_score must be a number or auto, not {value[:40]!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(value)):
-        raise QueryError(f"min_score must be a number or auto, not {value!r}")
-    return float(value)
-
-
-def query_mode(sketch, text) -> str:
-    if sketch is None and text is None:
-        raise QueryError(QUERY_NEEDS_INPUT)
-    return "sketch+text" if sketch is not None and text is not None else (
-        "sketch" if sketch is not None else "text")
 
 
 class Fusion:
@@ -144,9 +117,11 @@ class Fusion:
 
     def combine(self, sketch: np.ndarray | None, text: np.ndarray | None,
                 weight: float | None = None) -> np.ndarray:
-        """One query vector [D] (see the module's docstring); one half alone is the query."""
+        """One query vector [D], or a batch [B, D] of them (see the module's docstring); one
+        half alone is the query."""
         weight = check_weight(weight)
-        query_mode(sketch, text)
+        if sketch is None and text is None:
+            raise QueryError(QUERY_NEEDS_INPUT)
         if sketch is None or text is None:
             return np.asarray(text if sketch is None else sketch, np.float32)
         s, t = np.asarray(sketch, np.float32), np.asarray(text, np.float32)
@@ -154,7 +129,7 @@ class Fusion:
         w = w0 if weight is None else weight
         if self.entry is None:
             return _normalize(w * s + (1 - w) * t)
-        c = self.combiner(s, t)[0]
+        c = self.combiner(s, t).reshape(s.shape)
         if w > w0:
             a = (w - w0) / max(1 - w0, 1e-12)
             return _normalize((1 - a) * c + a * s)
@@ -162,6 +137,22 @@ class Fusion:
             a = (w0 - w) / max(w0, 1e-12)
             return _normalize((1 - a) * c + a * t)
         return c
+
+    def query(self, sketch: np.ndarray | None, text: np.ndarray | None,
+              image: np.ndarray | None = None, sketch_weight: float | None = None,
+              image_weight: float | None = None) -> np.ndarray:
+        """One query vector [D] from any of the three inputs: sketch and text fused by
+        ``combine``, then an example photo's image-tower vector mixed in with ``image_weight``
+        (None: ``DEFAULT_IMAGE_WEIGHT``): normalize((1 - wi) q + wi img). The photo vectors
+        of the index come from the same tower, so a photo alone is its own exact query."""
+        if image is None:
+            return self.combine(sketch, text, sketch_weight)
+        img = np.asarray(image, np.float32)
+        if sketch is None and text is None:
+            return img
+        w = DEFAULT_IMAGE_WEIGHT if image_weight is None else check_weight(image_weight,
+                                                                          "image_weight")
+        return _normalize((1 - w) * self.combine(sketch, text, sketch_weight) + w * img)
 
     def min_score(self, value, mode: str) -> float | None:
         """The score a hit must reach: None (keep all), a number, or "auto" -> the export's
@@ -183,4 +174,4 @@ class Fusion:
         return out
 
 
-__all__ = ["AUTO", "Fusion", "check_weight", "parse_min_score", "query_mode"]
+__all__ = ["DEFAULT_IMAGE_WEIGHT", "Fusion"]

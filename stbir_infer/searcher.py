@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from stbir_infer import store
 from stbir_infer.contract import QUERY_NEEDS_INPUT
@@ -197,6 +198,12 @@ class Searcher:
         return report
 
     # -- query ------------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Open every session a query uses (sketch, text, the combiner where the export has one),
+        so that the first real query is not the slow one."""
+        sketch = self.encoders.sketch([Image.new("L", (64, 64), 255)])[0]
+        self.fusion.combine(sketch, self.encoders.text(["warm up"])[0])
+
     def query(self, sketch=None, text: str | None = None, top_k: int = 10, *,
               sketch_weight: float | None = None, min_score=None, where=None) -> list[Hit]:
         """Top-k images for a sketch (path or PIL image), a text, or both (fused as the export

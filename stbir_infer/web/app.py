@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from PIL import Image
-
 from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, QueryError, StbirInferError
 from stbir_infer.paths import display
 from stbir_infer.web.batcher import QueryBatcher
@@ -126,9 +124,8 @@ class App:
         return files
 
     def warm_up(self) -> None:
-        """Open every encoder once (so the first query is not slow and sessions open in one thread)."""
-        enc = self.searcher.encoders
-        enc.query_vector(sketch=Image.new("L", (64, 64), 255), text="warm up")
+        """Open every session once (so the first query is not slow and sessions open in one thread)."""
+        self.searcher.warm_up()
 
     # -- dispatch ---------------------------------------------------------------------------------
     def handle(self, method: str, target: str, headers, read_body) -> Response:

@@ -17,6 +17,7 @@ from stbir_export import export_checkpoint
 from stbir_export.cli import main
 from stbir_export.errors import ExportError
 from stbir_export.quantize import MIN_COSINE
+from stbir_infer.fusion import Fusion
 from stbir_train.config import load_config
 
 
@@ -97,7 +98,7 @@ def _vectors(enc, rows, root) -> dict:
     owner = np.array([i for i, r in enumerate(rows) for _ in r["positive_sketches"]])
     v = {"image": enc.image([root / r["image"] for r in rows]), "sketch": enc.sketch(sketches),
          "text": enc.text([r["text"] for r in rows])}
-    return {**v, "sketch+text": enc.fuse(v["sketch"], v["text"][owner]), "owner": owner}
+    return {**v, "sketch+text": Fusion(enc).combine(v["sketch"], v["text"][owner]), "owner": owner}
 
 
 def _test_split(config_path, where):

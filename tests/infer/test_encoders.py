@@ -13,6 +13,7 @@ from PIL import Image
 from stbir_infer.contract import fingerprint
 from stbir_infer.encoders import Encoders
 from stbir_infer.errors import ExportDirError, QueryError
+from stbir_infer.fusion import Fusion
 
 MIN_COSINE, MAX_ABS = 0.99999, 1e-4
 
@@ -53,15 +54,16 @@ def test_runtime_embeddings_equal_the_torch_model(encoders, torch_model, tmp_pat
         assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
         assert (a * b).sum(1).min() >= MIN_COSINE, branch
         assert np.abs(a - b).max() <= MAX_ABS, branch
-    # Fusion: the export's weight, as the torch model fuses.
+    # Fusion: the export's weight, as the torch model fuses at query time.
+    fusion = Fusion(encoders)
     with torch.no_grad():
-        fused = torch_model.fuse(want["sketch"][:1], want["text"][:1]).numpy()[0]
-    ours = encoders.fuse(got["sketch"][0], got["text"][0])
-    assert encoders.fusion_weight == pytest.approx(float(torch_model.fusion_weight))
+        fused = torch_model.query_fuse(want["sketch"][:1], want["text"][:1]).numpy()[0]
+    ours = fusion.combine(got["sketch"][0], got["text"][0])
+    assert fusion.default_weight == pytest.approx(float(torch_model.fusion_weight))
     assert float(ours @ fused) >= MIN_COSINE
-    assert np.array_equal(encoders.fuse(None, got["text"][0]), got["text"][0])
+    assert np.array_equal(fusion.combine(None, got["text"][0]), got["text"][0])
     with pytest.raises(QueryError):
-        encoders.fuse(None, None)
+        fusion.combine(None, None)
 
 
 def test_export_dir_errors(tmp_path, export_dir):

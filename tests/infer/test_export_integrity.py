@@ -209,8 +209,8 @@ def test_nan_from_a_graph_is_refused(small_export, tmp_path):
     assert info.value.branch == "sketch" and info.value.rows == [0, 1]
     assert isinstance(info.value, QueryError) and info.value.exit_code == 2
     with pytest.raises(QueryError, match="NaN"):
-        bad.query_vector(sketch=SKETCH, text="a red star")
-    assert np.isfinite(bad.query_vector(text="a red star")).all()  # the text half is intact
+        bad.sketch([SKETCH])
+    assert np.isfinite(bad.text(["a red star"])).all()  # the text half is intact
 
 
 def test_one_non_finite_row_names_that_row(small_export, monkeypatch):

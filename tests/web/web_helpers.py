@@ -135,8 +135,6 @@ class FakeEncoders:
     fusion_weight = 0.5
     precision = "fp32"
 
-    def query_vector(self, sketch=None, text=None):
-        return np.ones(4, np.float32) / 2
 
 
 class FakeSearcher:
@@ -149,6 +147,9 @@ class FakeSearcher:
         self.gallery = gallery
         self.encoders = FakeEncoders()
         self.queries = []
+
+    def warm_up(self):
+        pass
 
     def current_index(self):
         return self.gallery
