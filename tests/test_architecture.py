@@ -1,10 +1,12 @@
-"""docs/ARCHITECTURE.md's import arrows are the code's, both ways; the runtime stays torch-free."""
+"""docs/ARCHITECTURE.md's import arrows are the code's, both ways; the runtime stays torch-free;
+every relative link of README.md and docs/*.md leads to a file and heading that exist."""
 
 from __future__ import annotations
 
 import ast
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = ("models", "stbir_train", "stbir_export", "stbir_infer")
@@ -87,10 +89,74 @@ def test_no_package_module_is_over_400_lines():
 
 
 def test_code_cites_only_files_the_repository_has():
-    cited = re.compile(r"\b((?:docs/)?[A-Z][A-Z_]+\.md)\b")
+    cited = re.compile(r"\b((?:docs/)?[A-Z][A-Z_]+\.md|docs/[\w.-]+\.md)\b")
     for package in OURS + ("benchmarks", "tests", "scripts"):
         for src in (REPO / package).rglob("*.py"):
             for name in cited.findall(src.read_text(encoding="utf-8")):
                 if name == "README.md" or (REPO / name).exists() or (REPO / "docs" / name).exists():
                     continue
                 raise AssertionError(f"{src.relative_to(REPO)} cites {name}, which the repository lacks")
+
+
+# GitHub's rendering: fenced code holds no links or headings; a heading's anchor is its text in
+# lower case, punctuation dropped, spaces made hyphens, "-1", "-2" ... for repeats.
+_FENCE = re.compile(r"^ *(```|~~~).*?^ *\1", re.S | re.M)
+_CODE_SPAN = re.compile(r"`[^`\n]*`")
+_HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+_LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)")
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def _anchors(page: Path) -> set[str]:
+    found: set[str] = set()
+    for heading in _HEADING.findall(_FENCE.sub("", page.read_text(encoding="utf-8"))):
+        text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link shows its text
+        slug = re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-")
+        n, anchor = 0, slug
+        while anchor in found:
+            n += 1
+            anchor = f"{slug}-{n}"
+        found.add(anchor)
+    return found
+
+
+def _broken_links(page: Path, root: Path) -> list[str]:
+    """Relative links of a markdown page whose file, or #heading, does not exist under root."""
+    text = _CODE_SPAN.sub("", _FENCE.sub("", page.read_text(encoding="utf-8")))
+    broken = []
+    for target in _LINK.findall(text):
+        if _SCHEME.match(target):
+            continue  # http(s), mailto: not checked offline
+        path, _, anchor = unquote(target).partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.is_relative_to(root.resolve()) or not dest.exists():
+            broken.append(f"{page.name}: {target} (no such file in the repository)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{page.name}: {target} (no heading #{anchor} in {dest.name})")
+    return broken
+
+
+def test_readme_and_docs_links_resolve():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) > 5
+    broken = [b for page in pages for b in _broken_links(page, REPO)]
+    assert broken == [], "\n".join(broken)
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## What `make demo` does\n\n## Repeat\n\n## Repeat\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "[ok](docs/a.md) [ok](docs/a.md#what-make-demo-does) [ok](docs/a.md#repeat-1) [ok](#top)\n"
+        "# Top\n![pic](docs/a.md) [web](https://example.com/x.md) `[code](nowhere.md)`\n"
+        "```\n[fenced](nowhere.md)\n```\n"
+        "[gone](docs/b.md) [bad](docs/a.md#repeat-2) [out](../elsewhere.md) [self](#nothing)\n")
+    (tmp_path.parent / "elsewhere.md").write_text("# Outside the repository\n")
+    try:
+        broken = _broken_links(readme, tmp_path)
+    finally:
+        (tmp_path.parent / "elsewhere.md").unlink()
+    assert [b.split(" ")[1] for b in broken] == [
+        "docs/b.md", "docs/a.md#repeat-2", "../elsewhere.md", "#nothing"]
+
