@@ -24,7 +24,7 @@ test-slow: install
 demo: install
 	OUT=$(OUT) PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/demo.sh
 
-# The real-photo model (README "Search your own photos"): Flickr8k and a local sentence encoder.
+# The real-photo model (docs/real-photos.md): Flickr8k and a local sentence encoder.
 DATA ?= ../shared/data/flickr8k
 TEXT_MODEL ?= $(HOME)/.cache/stbir/all-MiniLM-L6-v2
 WEIGHTS ?= ../shared/data/weights/mobilenet_v2_imagenet.pt

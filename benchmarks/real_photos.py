@@ -1,6 +1,6 @@
 """Real photos end to end: sketchify -> pretrain -> train -> export -> enroll -> query.
 
-    # the real-photo model (README "Search your own photos"): Flickr8k, a sentence encoder
+    # the real-photo model (docs/real-photos.md): Flickr8k, a sentence encoder
     python benchmarks/real_photos.py ../shared/data/flickr8k --text-model DIR --weights W --out OUT
     # the older recipe (the product's own small text tower) on the 1,000-photo subset
     python benchmarks/real_photos.py ../shared/data/flickr8k-1k [--out runs/real] [--epochs 15]
@@ -16,7 +16,7 @@ each of its captions (text, 5 a photo) and each caption with the sketch (sketch+
 the enrolled test photos; and image->text (a photo against all test captions: found when any
 of its own ranks within k). R@1/5/10, mAP (one relevant photo per query: the mean reciprocal
 rank) and the median rank. OUT/export is the export a user points ``stbir-infer`` at. Writes
-OUT/real_photos.json and prints markdown tables; the README quotes them.
+OUT/real_photos.json and prints markdown tables; docs/real-photos.md quotes them.
 """
 
 from __future__ import annotations

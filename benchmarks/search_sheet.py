@@ -6,7 +6,7 @@
         --query "a black dog running in the water|runs/real8k/data/photos/testA/1131155939_b4b457b05e_0.png" \
         --query "a climber on a rock|runs/real8k/data/photos/testA/111497985_38e9f88856_0.png"
 
-(the README's sheet: `make real` first).
+(the sheet in docs/real-photos.md: `make real` first).
 
 Each ``--query`` is ``TEXT`` or ``TEXT|SKETCH`` (a sketch image path; TEXT may be empty for a
 sketch-only query). One row a query: the sketch (when there is one) and the text, then the five

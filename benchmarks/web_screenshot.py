@@ -1,4 +1,4 @@
-"""Screenshots of the web page answering real queries (the README's pictures).
+"""Screenshots of the web page answering real queries (the pictures of README.md and docs/real-photos.md).
 
     python benchmarks/web_screenshot.py --model runs/real8k/export --index runs/real8k/index-fp32 \
         --text "a dog running on grass" --sketch SKETCH.png --sketch-text "a black dog" \

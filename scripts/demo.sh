@@ -5,7 +5,7 @@ set -euo pipefail
 OUT=${OUT:-runs/demo}
 # torch's OpenMP threads spin only briefly before they sleep: with other work on the two cores,
 # libgomp's default spinning made a training step 1.6-9x slower; quiet, this costs 2%, sleeping
-# at once 21% (README, "What `make demo` printed").
+# at once 21% (docs/demo.md, "Why the recipe is this size").
 export GOMP_SPINCOUNT=${GOMP_SPINCOUNT:-10000}
 PER_CATEGORY=${PER_CATEGORY:-1700}
 DATA=$OUT/data

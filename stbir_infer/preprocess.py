@@ -9,7 +9,7 @@ An *input spec* is a plain dict (it is written into ``export.json``)::
 torchvision ``Resize`` on PIL images), centre-crop to ``size`` x ``size``. "pad" (plus
 ``pad_fill``, 0-255 per channel, default white): resize the longest side to ``size`` and centre
 the picture on a ``size`` square of the fill, so nothing is cut off (a wide sketch keeps the
-strokes at its ends; README, "Real photos"). Then scale to [0, 1] and normalise per channel.
+strokes at its ends; docs/real-photos.md, "Crop or pad"). Then scale to [0, 1] and normalise per channel.
 
 Bounded work per image (sketches, photos, the web API and enroll all come through here):
 

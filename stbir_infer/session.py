@@ -6,7 +6,7 @@ the graph optimisation level. ``open_session`` turns checked model bytes into a 
 
 Spinning: onnxruntime's intra-op workers busy-wait between the parallel parts of a run and,
 by default, after it. Off here (``SPINNING``), by measurement (``benchmarks/sessions.py``,
-README "Benchmarks"): spinning after a run made a sketch+text query, two sessions one after the
+docs/benchmarks.md): spinning after a run made a sketch+text query, two sessions one after the
 other, 2 to 12 times slower on 2 cores (each session's idle workers spun while the other one
 ran). With ``session.force_spinning_stop`` (set below: workers stop when a run returns) spinning
 is 1.1-1.4x faster per graph on a quiet machine, but a sketch+text query next to one busy

@@ -14,7 +14,7 @@ class DistillSpec:
     (at ``temperature``)."""
 
     teacher: str = ""  # the teacher's STBIR checkpoint (e.g. teacher_best.pt)
-    embed: float = 10.0  # 10 against 3: the student queries its teacher's index as well as its own (README)
+    embed: float = 10.0  # 10, not 3: the student queries its teacher's index as well as its own (docs/distillation.md)
     relational: float = 1.0
     temperature: float = 0.1
     cache: str = "distill_cache"  # folder of cached teacher embeddings, relative to output_dir
