@@ -20,7 +20,7 @@ class ModelSpec:
     arcface_margin: float = 0.3
     quick_gelu: bool = False  # QuickGELU activations (what OpenAI-format CLIP weights need)
     # How each pixel branch fits an image to its square: "shortest" (centre crop) or "pad"
-    # (letterbox: white for sketches, the normalisation mean for photos); README, issue 15.
+    # (letterbox: white for sketches, the normalisation mean for photos); docs/real-photos.md, issue 15.
     sketch_resize: str = "shortest"
     image_resize: str = "shortest"
     combiner: bool = False  # a learned query fusion (models/combiner.py) besides the weighted mean
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict] = {
     # torchvision's for sketches): both can start from ImageNet weights (torchvision format).
     "edge": dict(clip_model="stbir-edge", sketch_backbone="mobilenet_v2", sketch_size=96),
     # A distillation teacher (issue 17): the edge towers at 160 px and a 4-layer 256-wide text
-    # tower; 3 epochs from ImageNet weights take about 8 minutes on two cores (README).
+    # tower; 3 epochs from ImageNet weights take about 8 minutes on two cores (docs/distillation.md).
     "medium": dict(clip_model="stbir-medium", sketch_backbone="mobilenet_v2", sketch_size=160),
     # A distillation student (stbir-train distill): the edge preset's MobileNetV2 towers at
     # 48 px (a quarter of the pixels; they take the same ImageNet weights) and one text layer.

@@ -134,7 +134,7 @@ class ModelSection:
     sketch_resize: str | None = None  # "shortest" (centre crop) or "pad"; null: the preset's
     image_resize: str | None = None
     combiner: bool | None = None  # a learned query fusion (seed 001), trained by a combiner stage
-    # A local Hugging Face sentence encoder as the text tower (README "Search your own photos")
+    # A local Hugging Face sentence encoder as the text tower (docs/real-photos.md)
     text_model: str | None = None
     text_proj: str | None = None  # linear or mlp
     text_context_length: int | None = None

@@ -135,7 +135,7 @@ def read_split(path: Path, photos: list[Path]) -> np.ndarray:
 
 
 def real_config_text(text_model: str, weights: str | None = None) -> str:
-    """The real-photo recipe (README "Search your own photos"): a pretrained sentence encoder as
+    """The real-photo recipe (docs/real-photos.md): a pretrained sentence encoder as
     the text tower, ImageNet MobileNetV2 image and sketch towers; ``pretrain`` aligns image and
     text first, then the sketch stage learns against those two as anchors."""
     w = (f"{Path(weights).resolve()}" if weights else "null")
@@ -199,7 +199,7 @@ model:
   preset: edge              # MobileNetV2 sketch and image towers (96 px), 2-layer text tower
   pretrained: {w}        # torchvision mobilenet_v2 ImageNet weights for the image tower
   sketch_pretrained: {w}  # ... and for the sketch tower
-  sketch_resize: pad        # letterbox, white: a wide sketch keeps its ends (README, "Real photos")
+  sketch_resize: pad        # letterbox, white: a wide sketch keeps its ends (docs/real-photos.md, "Crop or pad")
   image_resize: pad         # letterbox on the normalisation mean (measured better than the crop)
   fusion_weight: 0.5
 data:

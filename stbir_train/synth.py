@@ -280,7 +280,7 @@ def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_categor
 def default_config_text() -> str:
     """The config written next to the dataset, paths relative to it: the small preset with the
     schedule and losses that measured best on two CPU cores within the demo's time budget
-    (README, "Staged or all at once"). The seed's sketch -> image -> text schedule is commented in."""
+    (docs/training.md, "Staged or all at once"). The seed's sketch -> image -> text schedule is commented in."""
     from stbir_train.config import CURRICULUM_NOISE_YAML
 
     cats = "\n".join(f"    {c}: {{}}" for c in SHAPES)
@@ -304,13 +304,13 @@ data:
   num_workers: 1
   grad_clip: 1.0
   seed: 0
-  # All branches at once: measured best (README, "Staged or all at once"). 3 epochs at lr 1e-3
-  # keep `make demo` within its time on two cores (README, "What `make demo` printed").
+  # All branches at once: measured best (docs/training.md, "Staged or all at once"). 3 epochs at lr 1e-3
+  # keep `make demo` within its time on two cores (docs/demo.md, "Why the recipe is this size").
   stages:
     - {{target: all, epochs: 3, lr: 0.001, weight_decay: 0.05}}
   # The seed's order needs real anchors: with ImageNet weights in both visual towers (edge
   # preset), a text stage against the locked image tower first, then sketch -> image -> text at
-  # these lrs, it comes within 0-6 points of all at once at equal time (README, "Staged or all
+  # these lrs, it comes within 0-6 points of all at once at equal time (docs/training.md, "Staged or all
   # at once"); from random init it does not train:
   # - {{target: text, epochs: 1, lr: 0.001, weight_decay: 0.05}}
   # - {{target: sketch, epochs: 1, lr: 0.002, weight_decay: 0.05}}
@@ -322,10 +322,10 @@ loss:
   arcface_labels: category
   fusion_items: 16
   # Sketch-only and text-only queries are trained too (seed 002): 20% of items query with one
-  # half only, and each half has its own InfoNCE term (sketch R@1 +3 points, README).
+  # half only, and each half has its own InfoNCE term (sketch R@1 +3 points, docs/training.md).
   modality_dropout: 0.2
   # Triplet and fusion consistency are off here by measurement: at the same 4 epochs they cost
-  # 5 points of test R@1 (0.845 vs 0.897, README). Turn them on for longer or pretrained runs.
+  # 5 points of test R@1 (0.845 vs 0.897, docs/training.md). Turn them on for longer or pretrained runs.
   weights: {{infonce: 1.0, triplet: 0.0, fusion: 0.0, arcface: 0.1, infonce_sketch: 0.5, infonce_text: 0.5}}
 pretrain:                # `stbir-train pretrain --config this.yaml`: image/text towers on train.txt
   holdout: 0.1
