@@ -8,7 +8,7 @@ enrolled with ``Searcher.enroll``. Queries are built-in-style sketches (PNG file
 Per mode, blocks of step-by-step queries time the phases by calling the same functions
 ``Searcher.query`` calls (``Encoders.preprocess`` -> ``encode_pixels`` for the sketch;
 ``Encoders.text_feeds`` (tokenize, trim, token-table lookup) -> the text graph;
-``Encoders.fuse``; ``GalleryIndex.search``), and blocks of ``Searcher.query`` calls on the same
+``Fusion.combine``; ``GalleryIndex.search``), and blocks of ``Searcher.query`` calls on the same
 queries time the whole (two passes of each). Overhead = p50(total) - p50(encoding) -
 p50(search), as a share of p50(total):
 it holds preprocessing (decode, resize, tokenize), fusion and the Searcher's own bookkeeping

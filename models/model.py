@@ -46,7 +46,7 @@ def _open_clip():
     return open_clip
 
 
-def fuse(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float | torch.Tensor):
+def weighted_mean(sketch: torch.Tensor | None, text: torch.Tensor | None, weight: float | torch.Tensor):
     """Sketch+text query vector: weighted mean of the unit vectors, re-normalised.
 
     Either half may be missing; then the other is the query.
@@ -93,12 +93,21 @@ class STBIRModel(nn.Module):
             self.embed_dim = int(self.clip.text_projection.shape[1])
             self.context_length = int(self.clip.context_length)
         self.sketch = SketchEncoder(spec.sketch_backbone, self.embed_dim, spec.sketch_pretrained)
-        self.register_buffer("fusion_weight", torch.tensor(float(spec.fusion_weight)))
-        self.combiner = (Combiner(self.embed_dim, spec.fusion_weight) if spec.combiner else None)
+        # The sketch weight queries fuse with: starts at the training weight, then validation
+        # picks it (stbir_train.fusion.select_fusion); export.json carries it as fusion_weight.
+        self.register_buffer("query_sketch_weight", torch.tensor(float(spec.train_sketch_weight)))
+        self.combiner = (Combiner(self.embed_dim, spec.train_sketch_weight) if spec.combiner else None)
         self.arcface = (ArcFaceHead(self.embed_dim, spec.arcface_classes, spec.arcface_scale,
                                     spec.arcface_margin) if spec.arcface_classes else None)
         self.stage = "all"
         self._input_specs = self._build_input_specs()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the rename call the query weight "fusion_weight".
+        old = prefix + "fusion_weight"
+        if old in state_dict:
+            state_dict[prefix + "query_sketch_weight"] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _build_hf_clip(self, open_clip, text_files: dict[str, str] | None):
         spec = self.spec
@@ -247,29 +256,29 @@ class STBIRModel(nn.Module):
             return hf_text.encode_embeddings(self.clip.text, emb, second)
         return self.encode_text_embeddings(emb, second, traceable=True)
 
-    def fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
+    def fuse_for_training(self, sketch: torch.Tensor | None, text: torch.Tensor | None) -> torch.Tensor:
         """The training fusion: the Combiner where the model has one, else the weighted mean
-        with the configured weight (``spec.fusion_weight``, fixed while training)."""
+        with the configured weight (``spec.train_sketch_weight``, fixed while training)."""
         if self.combiner is not None and sketch is not None and text is not None:
             return self.combiner(sketch, text)
-        return fuse(sketch, text, float(self.spec.fusion_weight))
+        return weighted_mean(sketch, text, float(self.spec.train_sketch_weight))
 
     @property
     def default_fusion(self) -> str:
         """"combiner" where the model has a Combiner that validation preferred, else "mean"."""
         return "combiner" if self.combiner is not None and bool(self.combiner.preferred) else "mean"
 
-    def query_fuse(self, sketch: torch.Tensor | None, text: torch.Tensor | None,
+    def fuse_for_query(self, sketch: torch.Tensor | None, text: torch.Tensor | None,
                    method: str | None = None) -> torch.Tensor:
         """The query-time fusion: ``method`` "combiner" or "mean" (the weighted mean with the
-        validation-picked ``fusion_weight`` buffer); None = the default, the Combiner only
+        validation-picked ``query_sketch_weight`` buffer); None = the default, the Combiner only
         where validation preferred it (``combiner.preferred``)."""
         method = method or self.default_fusion
         if method == "combiner" and sketch is not None and text is not None:
             if self.combiner is None:
                 raise ModelError("this model has no Combiner")
             return self.combiner(sketch, text)
-        return fuse(sketch, text, self.fusion_weight)
+        return weighted_mean(sketch, text, self.query_sketch_weight)
 
     # -- what export and the data pipeline need ---------------------------------------------------
     def input_specs(self) -> dict[str, dict]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+# Old field name -> new one (a checkpoint's stored spec may use the old name).
+RENAMED = {"fusion_weight": "train_sketch_weight"}
+
 
 @dataclass
 class ModelSpec:
@@ -14,7 +17,9 @@ class ModelSpec:
     sketch_backbone: str = "resnet18"
     sketch_pretrained: str | None = None  # null or a local torchvision state-dict file
     sketch_size: int = 64
-    fusion_weight: float = 0.5  # weight of the sketch vector in a sketch+text query
+    # The sketch vector's weight in the weighted mean that training fuses with (fixed while it
+    # trains; the weight queries use is picked on validation: the model's query_sketch_weight).
+    train_sketch_weight: float = 0.5
     arcface_classes: int = 0  # set by training from the data; 0 = no head
     arcface_scale: float = 30.0
     arcface_margin: float = 0.3
@@ -41,6 +46,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
         known = {f.name for f in fields(cls)}
+        d = {RENAMED.get(k, k): v for k, v in d.items()}  # checkpoints saved before a rename
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:

@@ -101,7 +101,7 @@ def build(model, meta: dict, tmp: Path, *, fusion: str, far: float, opset: int, 
     """Export.json additions ({fusion, combiner?, score_threshold?}) and the Combiner's parity
     figures (None without a Combiner graph or without verification)."""
     method = method_for(model, fusion)
-    weight = round(float(model.fusion_weight), 6)  # a float32 buffer: 0.4 is 0.4000000059...
+    weight = round(float(model.query_sketch_weight), 6)  # a float32 buffer: 0.4 is 0.4000000059...
     out = {"fusion": {"method": method, "default_weight": weight,
                       "validation": meta.get("fusion_selection")}}
     check = None

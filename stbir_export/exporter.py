@@ -211,7 +211,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
     manifest = {
         "format": EXPORT_FORMAT,
         "format_version": COMBINER_FORMAT_VERSION if "combiner" in extra else EXPORT_FORMAT_VERSION,
-        "embed_dim": int(model.embed_dim), "fusion_weight": round(float(model.fusion_weight), 6),
+        "embed_dim": int(model.embed_dim), "fusion_weight": round(float(model.query_sketch_weight), 6),
         "opset": opset, "clip_model": model.spec.clip_model,
         "encoders": encoders, "tokenizer": tokenizer, "files": files,
         "source_checkpoint": {"sha256": file_sha256(checkpoint), "file": checkpoint.name},

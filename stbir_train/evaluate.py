@@ -163,14 +163,14 @@ def run_evaluation(cfg, checkpoint: str | Path, split: str = "test", compare: st
         default = model.default_fusion
         res["checkpoint"] = {"path": str(ckpt), "sha256": file_sha256(ckpt),
                              "stages": [s["target"] for s in stages] if stages else None,
-                             "fusion_weight": round(float(model.fusion_weight), 6), "fusion": default,
+                             "fusion_weight": round(float(model.query_sketch_weight), 6), "fusion": default,
                              "fusion_selection": meta.get("fusion_selection"),
                              "score_thresholds": meta.get("score_thresholds")}
         echo(f"{split} split, checkpoint {ckpt}"
              + (f" (stages: {' -> '.join(res['checkpoint']['stages'])})" if stages else ""))
         echo(format_table(res))
         echo(f"sketch+text is the checkpoint's default: "
-             f"{'Combiner' if default == 'combiner' else 'weighted mean'}, w={float(model.fusion_weight):g}"
+             f"{'Combiner' if default == 'combiner' else 'weighted mean'}, w={float(model.query_sketch_weight):g}"
              + (" (picked on validation)" if meta.get("fusion_selection") else " (the config's)")
              + f"; {split} R@1 of the weighted mean by w: "
              + ", ".join(f"{w} {v['R@1']:.3f}" for w, v in res["weight_grid"].items()))

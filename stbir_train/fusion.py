@@ -3,7 +3,7 @@
 The weighted mean's weight is chosen over ``GRID`` (0.1 .. 0.9) by R@1 (mAP breaks ties, then the
 lower weight); a Combiner, where the model has one, becomes the default only when its (R@1, mAP)
 is strictly better than the best weighted mean's. The choice is written into the model's buffers
-(``fusion_weight``, ``combiner.preferred``), so the checkpoint, evaluation and the export agree.
+(``query_sketch_weight``, ``combiner.preferred``), so the checkpoint, evaluation and the export agree.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.model import fuse
+from models.model import weighted_mean
 from stbir_train.metrics import retrieval_metrics
 
 GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))
@@ -32,10 +32,10 @@ def _r1_map(scores: np.ndarray, owner: np.ndarray) -> dict:
 @torch.no_grad()
 def query_fused(model, sketch: torch.Tensor, text: torch.Tensor,
                 method: str | None = None) -> torch.Tensor:
-    """``model.query_fuse`` of CPU embeddings, run where the model's fusion weights are (a
-    Combiner, the ``fusion_weight`` buffer: on the GPU when training there); the result on CPU."""
-    device = model.fusion_weight.device
-    return model.query_fuse(sketch.to(device), text.to(device), method).cpu()
+    """``model.fuse_for_query`` of CPU embeddings, run where the model's fusion weights are (a
+    Combiner, the ``query_sketch_weight`` buffer: on the GPU when training there); the result on CPU."""
+    device = model.query_sketch_weight.device
+    return model.fuse_for_query(sketch.to(device), text.to(device), method).cpu()
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def fused_scores(model, enc: dict, method: str, weight: float | None = None) -> 
     if method == "combiner":
         q = query_fused(model, s, t, "combiner")
     else:
-        q = fuse(s, t, float(model.fusion_weight) if weight is None else weight)
+        q = weighted_mean(s, t, float(model.query_sketch_weight) if weight is None else weight)
     return (q @ enc["gallery"].T).numpy()
 
 
@@ -61,7 +61,7 @@ def select_fusion(model, enc: dict) -> dict:
     best = max(GRID, key=lambda w: (grid[w]["R@1"], grid[w]["mAP"], -w))
     record = {"weight": best, "method": "mean", "grid": {str(w): v for w, v in grid.items()},
               "mean": grid[best], "combiner": None}
-    model.fusion_weight.fill_(float(best))
+    model.query_sketch_weight.fill_(float(best))
     if model.combiner is not None:
         m = record["combiner"] = _r1_map(fused_scores(model, enc, "combiner"), enc["owner"])
         better = (m["R@1"], m["mAP"]) > (grid[best]["R@1"], grid[best]["mAP"])

@@ -112,12 +112,12 @@ def combiner_export(tmp_path_factory):
     from stbir_export import export_checkpoint
 
     torch.manual_seed(0)
-    model = build_model(ModelSpec(combiner=True, fusion_weight=0.5))
+    model = build_model(ModelSpec(combiner=True, train_sketch_weight=0.5))
     with torch.no_grad():
         for p in model.combiner.parameters():
             p.add_(torch.randn_like(p) * 0.05)
         model.combiner.preferred.fill_(1.0)
-        model.fusion_weight.fill_(0.6)
+        model.query_sketch_weight.fill_(0.6)
     tmp = tmp_path_factory.mktemp("combiner")
     ckpt = save_checkpoint(tmp / "combiner.pt", model, config={}, metrics={}, fusion_selection={
         "weight": 0.6, "method": "combiner"}, score_thresholds={"split": "val", "modes": {

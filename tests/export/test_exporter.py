@@ -25,7 +25,7 @@ def test_manifest_follows_the_contract(exported, small_model):
     assert set(manifest) >= set(contract.MANIFEST_KEYS)
     assert manifest["fingerprint"] == contract.fingerprint(manifest["files"])
     assert manifest["embed_dim"] == small_model.embed_dim == 128
-    assert manifest["fusion_weight"] == pytest.approx(float(small_model.fusion_weight))
+    assert manifest["fusion_weight"] == pytest.approx(float(small_model.query_sketch_weight))
     assert manifest["opset"] == 17 and manifest["clip_model"] == "stbir-small"
     enc = manifest["encoders"]
     specs = small_model.input_specs()

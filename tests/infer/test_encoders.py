@@ -57,9 +57,9 @@ def test_runtime_embeddings_equal_the_torch_model(encoders, torch_model, tmp_pat
     # Fusion: the export's weight, as the torch model fuses at query time.
     fusion = Fusion(encoders)
     with torch.no_grad():
-        fused = torch_model.query_fuse(want["sketch"][:1], want["text"][:1]).numpy()[0]
+        fused = torch_model.fuse_for_query(want["sketch"][:1], want["text"][:1]).numpy()[0]
     ours = fusion.combine(got["sketch"][0], got["text"][0])
-    assert fusion.default_weight == pytest.approx(float(torch_model.fusion_weight))
+    assert fusion.default_weight == pytest.approx(float(torch_model.query_sketch_weight))
     assert float(ours @ fused) >= MIN_COSINE
     assert np.array_equal(fusion.combine(None, got["text"][0]), got["text"][0])
     with pytest.raises(QueryError):

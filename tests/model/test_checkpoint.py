@@ -74,3 +74,24 @@ def test_pretrained_weights_files_are_loaded_weights_only(evil_checkpoint, tiny_
     data["model"][key] = str(path)
     config.write_text(yaml.safe_dump(data))
     _refused(CliRunner().invoke(train_main, ["--config", str(config)]), "stbir-train", marker)
+
+
+def test_a_checkpoint_and_config_from_before_the_weight_rename_still_load(tmp_path):
+    """The training weight was ``spec.fusion_weight`` and the validated query weight the buffer
+    ``fusion_weight``; they are ``train_sketch_weight`` and ``query_sketch_weight`` now."""
+    from models import load_model
+    from stbir_train.config import config_from_dict
+
+    model = build_model(ModelSpec(train_sketch_weight=0.4))
+    model.query_sketch_weight.fill_(0.7)
+    path = save_checkpoint(tmp_path / "new.pt", model)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    spec = ckpt["model_spec"]
+    spec["fusion_weight"] = spec.pop("train_sketch_weight")
+    ckpt["model"]["fusion_weight"] = ckpt["model"].pop("query_sketch_weight")
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert old.spec.train_sketch_weight == 0.4
+    assert float(old.query_sketch_weight) == pytest.approx(0.7)
+    cfg = config_from_dict({"model": {"fusion_weight": 0.3}})
+    assert cfg.model.train_sketch_weight == 0.3

@@ -40,13 +40,13 @@ def test_combiner_stage_trains_only_the_combiner_and_evaluate_compares_fusions(
     ckpt = read_checkpoint(summary["last_path"])
     start = read_checkpoint(small_checkpoint)["model"]
     for k, v in ckpt["model"].items():
-        if k in start and not k.startswith(("arcface.", "fusion_weight")):
+        if k in start and not k.startswith(("arcface.", "query_sketch_weight")):
             assert torch.equal(v, start[k]), f"{k} changed in a combiner stage"
     assert not torch.equal(ckpt["model"]["combiner.combine.weight"],
                            Combiner(128).combine.weight)  # trained (and not the init)
     sel = ckpt["fusion_selection"]
     assert len(sel["grid"]) == 9 and sel["method"] in ("mean", "combiner")
-    assert float(ckpt["model"]["fusion_weight"]) == pytest.approx(sel["weight"])
+    assert float(ckpt["model"]["query_sketch_weight"]) == pytest.approx(sel["weight"])
     assert float(ckpt["model"]["combiner.preferred"]) == (sel["method"] == "combiner")
     modes = ckpt["score_thresholds"]["modes"]
     assert set(modes) == {"sketch", "text", "sketch+text"} and set(modes["sketch"]) == {"0.01", "0.001", "0.0001"}

@@ -81,7 +81,7 @@ def test_modality_dropout_makes_single_modes_the_query(setup):
         s, t = m.encode_sketch(batch["sketch"]), m.encode_text(batch["tokens"])
     q = seen["q"]
     assert torch.allclose(q[1], s[1], atol=1e-5) and torch.allclose(q[2], t[2], atol=1e-5)
-    assert torch.allclose(q[0], m.fuse(s, t)[0], atol=1e-5)
+    assert torch.allclose(q[0], m.fuse_for_training(s, t)[0], atol=1e-5)
 
 
 def test_a_real_training_step_runs_all_four_losses_with_manifest_negatives(setup, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.model import ArcFaceHead, fuse
+from models.model import ArcFaceHead, weighted_mean
 from stbir_train import losses as L
 
 
@@ -64,11 +64,11 @@ def test_fuse_quad_takes_diagonal_quadrants_from_each_input():
 def test_fuse_is_weighted_mean_renormalised_and_accepts_one_half():
     s = torch.tensor([[1.0, 0.0]])
     t = torch.tensor([[0.0, 1.0]])
-    out = fuse(s, t, 0.75)
+    out = weighted_mean(s, t, 0.75)
     assert out[0].tolist() == pytest.approx([0.75 / math.hypot(0.75, 0.25), 0.25 / math.hypot(0.75, 0.25)])
-    assert fuse(s, None, 0.75) is s and fuse(None, t, 0.75) is t
+    assert weighted_mean(s, None, 0.75) is s and weighted_mean(None, t, 0.75) is t
     with pytest.raises(ValueError):
-        fuse(None, None, 0.5)
+        weighted_mean(None, None, 0.5)
 
 
 def test_in_batch_negatives_are_every_other_row():
