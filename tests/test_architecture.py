@@ -144,19 +144,15 @@ def test_readme_and_docs_links_resolve():
 
 
 def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
-    (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## What `make demo` does\n\n## Repeat\n\n## Repeat\n")
-    readme = tmp_path / "README.md"
+    root = tmp_path / "repo"
+    (root / "pages").mkdir(parents=True)
+    (root / "pages" / "a.md").write_text("# A page\n\n## What `make demo` does\n\n## Repeat\n\n## Repeat\n")
+    (tmp_path / "elsewhere.md").write_text("# Outside the repository\n")
+    readme = root / "README.md"
     readme.write_text(
-        "[ok](docs/a.md) [ok](docs/a.md#what-make-demo-does) [ok](docs/a.md#repeat-1) [ok](#top)\n"
-        "# Top\n![pic](docs/a.md) [web](https://example.com/x.md) `[code](nowhere.md)`\n"
+        "[ok](pages/a.md) [ok](pages/a.md#what-make-demo-does) [ok](pages/a.md#repeat-1) [ok](#top)\n"
+        "# Top\n![pic](pages/a.md) [web](https://example.com/x.md) `[code](nowhere.md)`\n"
         "```\n[fenced](nowhere.md)\n```\n"
-        "[gone](docs/b.md) [bad](docs/a.md#repeat-2) [out](../elsewhere.md) [self](#nothing)\n")
-    (tmp_path.parent / "elsewhere.md").write_text("# Outside the repository\n")
-    try:
-        broken = _broken_links(readme, tmp_path)
-    finally:
-        (tmp_path.parent / "elsewhere.md").unlink()
-    assert [b.split(" ")[1] for b in broken] == [
-        "docs/b.md", "docs/a.md#repeat-2", "../elsewhere.md", "#nothing"]
-
+        "[gone](pages/b.md) [bad](pages/a.md#repeat-2) [out](../elsewhere.md) [self](#nothing)\n")
+    assert [b.split(" ")[1] for b in _broken_links(readme, root)] == [
+        "pages/b.md", "pages/a.md#repeat-2", "../elsewhere.md", "#nothing"]
