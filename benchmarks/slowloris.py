@@ -58,7 +58,7 @@ class FakeSearcher:
     def query_many(self, queries, **kw):
         return [[_Hit("/g/a.png")] for _ in queries]
 
-    def min_score_for(self, value, sketch, text):
+    def min_score_for(self, value, sketch=None, text=None, **_):
         return value
 
 

@@ -1,13 +1,17 @@
 """``stbir-infer query --batch FILE``: many queries in one process, JSON lines in, JSON lines out.
 
-Each non-blank input line is one query, a JSON object with the keys of ``Searcher.query``::
+Each non-blank input line is one query, a JSON object with the keys of ``Searcher.query``
+(checked by ``stbir_infer.query_spec.QuerySpec``)::
 
     {"sketch": "sketches/cat.png", "text": "a ginger cat", "top_k": 5}
     {"text": "a red car", "min_score": "auto"}
+    {"image": "photos/beach.jpg", "text": "at sunset"}
+    {"like": 42}
 
-``sketch`` is a file path (relative to the current directory, as ``--sketch``); ``top_k``,
-``sketch_weight``, ``min_score`` and ``where`` ({"folder": "shoes"} or ["folder=shoes"]) default
-to the command's options. Each query gets one output
+``sketch`` and ``image`` are file paths (relative to the current directory, as ``--sketch``);
+``like`` the id of a photo in the index; ``top_k``, ``sketch_weight``, ``image_weight``,
+``min_score`` and ``where`` ({"folder": "shoes"} or ["folder=shoes"]) default to the command's
+options. Each query gets one output
 line, in input order, numbered by its input line (1-based)::
 
     {"line": 1, "query": {...}, "results": [{"rank": 1, "score": ..., "path": ...}, ...]}
@@ -23,11 +27,14 @@ file; a line longer than ``MAX_LINE_BYTES`` is an error record without being rea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from typing import IO
 
 from stbir_infer.errors import QueryError
+from stbir_infer.fusion import DEFAULT_IMAGE_WEIGHT
 from stbir_infer.paths import display
+from stbir_infer.query_spec import QuerySpec
 
 CHUNK = 256
 MAX_LINE_BYTES = 1 << 20
@@ -56,22 +63,12 @@ def read_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple
             yield number, QueryError(f"not valid JSON ({str(exc)[:120]})")
 
 
-def _query_of(value, defaults: dict) -> dict:
-    """The ``Searcher.query`` keyword arguments of one parsed line (QueryError: a bad line)."""
-    if not isinstance(value, dict):
-        raise QueryError('a line must be a JSON object such as {"sketch": "a.png", "text": "..."}')
-    sketch = value.get("sketch")
-    if sketch is not None and not isinstance(sketch, str):
-        raise QueryError("sketch must be a file path (a string)")
-    return {**defaults, **value}
-
-
 def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, top_k: int = 10,
               sketch_weight: float | None = None, min_score=None,
-              where=None) -> tuple[int, int]:
+              where=None, image_weight: float | None = None) -> tuple[int, int]:
     """Answer every line of ``stream``, writing one JSON line each; returns (queries, failed)."""
     defaults = {"top_k": top_k, "sketch_weight": sketch_weight, "min_score": min_score,
-                "where": where}
+                "where": where, "image_weight": image_weight}
     total = failed = 0
     chunk: list[tuple[int, object]] = []
 
@@ -93,7 +90,7 @@ def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, to
         total += 1
         try:
             chunk.append((number, value if isinstance(value, QueryError)
-                          else _query_of(value, defaults)))
+                          else QuerySpec.from_dict(value, defaults)))
         except QueryError as exc:
             chunk.append((number, exc))
         if len(chunk) >= CHUNK:
@@ -102,18 +99,22 @@ def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, to
     return total, failed
 
 
-def describe_query(searcher, q: dict) -> dict:
-    """A query (``Searcher.query`` keyword arguments) as ``query --json`` shows it."""
-    sketch, text = q.get("sketch"), q.get("text")
-    has_text = text is not None and bool(text.strip())
-    fused = sketch is not None and has_text
-    weight = q.get("sketch_weight")
-    return {"sketch": None if sketch is None else display(sketch),
-            "text": None if text is None else text.encode("utf-8", "backslashreplace").decode(),
-            "top_k": q["top_k"], "fusion": searcher.fusion.method if fused else None,
-            "fusion_weight": ((searcher.fusion_weight if weight is None else weight)
-                              if fused else None),
-            "min_score": searcher.min_score_for(q.get("min_score"), sketch, text)}
+def describe_query(searcher, q: QuerySpec) -> dict:
+    """A query as ``query --json`` shows it."""
+    fused = q.sketch is not None and q.text is not None
+    out = {"sketch": None if q.sketch is None else display(q.sketch),
+           "text": q.text, "top_k": q.top_k,
+           "fusion": searcher.fusion.method if fused else None,
+           "fusion_weight": ((searcher.fusion_weight if q.sketch_weight is None
+                              else q.sketch_weight) if fused else None),
+           "min_score": searcher.min_score_for(q.min_score, mode=q.mode)}
+    if q.image is not None:
+        out["image"] = display(q.image) if isinstance(q.image, (str, os.PathLike)) else "(image)"
+    if q.like is not None:
+        out["like"] = q.like
+    if q.has_image and (q.sketch is not None or q.text is not None):
+        out["image_weight"] = DEFAULT_IMAGE_WEIGHT if q.image_weight is None else q.image_weight
+    return out
 
 
 __all__ = ["CHUNK", "MAX_LINE_BYTES", "describe_query", "read_lines", "run_batch"]

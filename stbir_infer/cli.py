@@ -1,7 +1,7 @@
 """``stbir-infer``: a thin click shell over ``stbir_infer.Searcher``.
 
     stbir-infer enroll --images DIR [--model EXPORT] [--index IDX] [--batch-size N]
-    stbir-infer query [--sketch FILE] [--text "..."] [--top-k K] [--json]
+    stbir-infer query [--sketch FILE] [--text "..."] [--image PHOTO] [--top-k K] [--json]
     stbir-infer query --batch QUERIES.jsonl                 one JSON line out per line in
     stbir-infer info [--json]
     stbir-infer serve [--host 127.0.0.1] [--port 8000]     web page + JSON API
@@ -60,7 +60,7 @@ def _runtime_options(f):
 
 def _min_score(ctx, param, value):
     """--min-score: a number or auto (checked here, so a bad value is a usage error, exit 2)."""
-    from stbir_infer.fusion import parse_min_score
+    from stbir_infer.query_spec import parse_min_score
 
     try:
         return parse_min_score(value)
@@ -121,6 +121,12 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
 @main.command()
 @click.option("--sketch", "sketch", metavar="FILE", default=None, help="Sketch image file.")
 @click.option("--text", "text", metavar="TEXT", default=None, help="Words the sketch can't say.")
+@click.option("--image", "image", metavar="PHOTO", default=None,
+              help="An example photo: find photos like it (alone, or with --text / --sketch). "
+                   "When the photo itself is enrolled it comes first, marked same_file.")
+@click.option("--image-weight", type=click.FloatRange(0, 1), default=None, metavar="W",
+              help="Share of the example photo when combined with --text / --sketch, 0..1 "
+                   "[default: 0.5, picked on Flickr8k validation].")
 @click.option("--batch", "batch", metavar="FILE", default=None,
               type=click.Path(exists=True, dir_okay=False, allow_dash=True),
               help="Many queries in one process: a JSON-lines file (- for stdin), one "
@@ -147,13 +153,13 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
               help="Only photos in folder=F (relative to the enrolled folder, or below it) or "
                    "with tag KEY=VALUE (enroll --tag); repeat a key for OR, keys for AND.")
 @_runtime_options
-def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, sheet, expect,
-          sketch_weight, min_score, where, threads, int8, provider):
-    """Find photos by a sketch, a text, or both (fused as the export says)."""
+def query(sketch, text, image, image_weight, batch, top_k, as_json, model_dir, index_dir,
+          ef_search, sheet, expect, sketch_weight, min_score, where, threads, int8, provider):
+    """Find photos by a sketch, a text, an example photo, or several (fused as the export says)."""
     if batch is not None:
-        if sketch is not None or text is not None or sheet or expect:
+        if sketch is not None or text is not None or image is not None or sheet or expect:
             raise click.UsageError("--batch takes the queries from its file: no --sketch, "
-                                   "--text, --sheet or --expect with it")
+                                   "--text, --image, --sheet or --expect with it")
         from stbir_infer.batch_query import run_batch
         from stbir_infer.searcher import Searcher
 
@@ -162,22 +168,26 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
                                 precision="int8" if int8 else "fp32", provider=provider)
             total, failed = run_batch(searcher, stream, click.echo, top_k=top_k,
                                       sketch_weight=sketch_weight, min_score=min_score,
-                                      where=list(where) or None)
+                                      where=list(where) or None, image_weight=image_weight)
         if failed:
             raise QueryError(f"{failed} of {total} queries failed (see their error records)")
         return
-    if sketch is None and (text is None or not text.strip()):
-        raise click.UsageError("give --sketch FILE, --text TEXT or both")
-    if sketch is not None and not os.path.isfile(sketch):
-        raise click.BadParameter(f"{sketch}: no such file", param_hint="--sketch")
+    if sketch is None and image is None and (text is None or not text.strip()):
+        raise click.UsageError("give --sketch FILE, --text TEXT, --image PHOTO or several")
+    for name, path in (("--sketch", sketch), ("--image", image)):
+        if path is not None and not os.path.isfile(path):
+            raise click.BadParameter(f"{path}: no such file", param_hint=name)
     from stbir_infer.paths import display
+    from stbir_infer.query_spec import QuerySpec
     from stbir_infer.searcher import Searcher
 
+    spec = QuerySpec.parse(sketch=sketch, text=text, image=image, top_k=top_k,
+                           sketch_weight=sketch_weight, image_weight=image_weight,
+                           min_score=min_score, where=where)
     searcher = Searcher(model_dir, index_dir, threads=threads, ef_search=ef_search,
                         precision="int8" if int8 else "fp32", provider=provider)
-    floor = searcher.min_score_for(min_score, sketch, text)
-    hits = searcher.query(sketch=sketch, text=text, top_k=top_k, sketch_weight=sketch_weight,
-                          min_score=floor, where=where)
+    floor = searcher.min_score_for(spec.min_score, mode=spec.mode)
+    hits = searcher.answer(spec)
     if sheet:
         from stbir_infer.sheet import contact_sheet
 
@@ -186,9 +196,7 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
         from stbir_infer.batch_query import describe_query
 
         # Paths in display form (valid UTF-8; Hit.to_dict adds path_bytes_b64 where it differs)
-        out = {"query": describe_query(searcher, {"sketch": sketch, "text": text, "top_k": top_k,
-                                                  "sketch_weight": sketch_weight,
-                                                  "min_score": floor}),
+        out = {"query": describe_query(searcher, spec),
                "model": searcher.encoders.fingerprint, "index": display(searcher.index_dir),
                "results": [h.to_dict() for h in hits]}
         click.echo(json.dumps(out, indent=2, ensure_ascii=False))
@@ -200,7 +208,8 @@ def query(sketch, text, batch, top_k, as_json, model_dir, index_dir, ef_search, 
     elif not hits:
         click.echo("no results: the index is empty", err=True)
     for h in hits:
-        click.echo(f"{h.rank:>4}  {h.score:.4f}  {display(h.path)}")
+        same = "  (the example photo itself)" if h.same_file else ""
+        click.echo(f"{h.rank:>4}  {h.score:.4f}  {display(h.path)}{same}")
     if expect:
         want = os.path.realpath(expect)
         rank = next((h.rank for h in hits if want in {os.path.realpath(p) for p in [h.path, *h.duplicates]}), None)

@@ -33,6 +33,7 @@ from stbir_infer.session import open_session
 # by benchmarks/image_weight.py (results/image_weight.json).
 DEFAULT_IMAGE_WEIGHT = 0.5
 
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -65,7 +66,8 @@ class Fusion:
         for spec in e["inputs"]:
             shape = spec.get("shape") if isinstance(spec, dict) else None
             if not isinstance(shape, list) or len(shape) != 2 or shape[1] != self.embed_dim:
-                raise ExportDirError(f"{where}: the combiner's input {spec.get('name') if isinstance(spec, dict) else spec!r} "
+                name = spec.get("name") if isinstance(spec, dict) else spec
+                raise ExportDirError(f"{where}: the combiner's input {name!r} "
                                      f"has shape {shape}, but the encoders give {self.embed_dim}-d vectors")
 
     @staticmethod

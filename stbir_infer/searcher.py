@@ -10,21 +10,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from stbir_infer import store
-from stbir_infer.contract import QUERY_NEEDS_INPUT
+from stbir_infer import edge_gallery, store
+from stbir_infer.contract import file_sha256
 from stbir_infer.encoders import Encoders
 from stbir_infer.enroll import EnrollReport, enroll
 from stbir_infer.errors import (
-    ImageDecodeError,
     IndexFormatError,
     IndexNotFoundError,
     ModelMismatchError,
@@ -33,14 +32,14 @@ from stbir_infer.errors import (
     QueryError,
 )
 from stbir_infer.filters import parse_where
-from stbir_infer.fusion import Fusion, check_weight, query_mode
+from stbir_infer.fusion import Fusion
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
 from stbir_infer.index_meta import MAX_EF
 from stbir_infer.paths import display, path_bytes_b64
+from stbir_infer.query_spec import QuerySpec, mode_of
 from stbir_infer.session import DEFAULT_PROVIDER
 
 log = logging.getLogger("stbir_infer")
-QUERY_KEYS = frozenset({"sketch", "text", "top_k", "sketch_weight", "min_score", "where"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ class Hit:
     score: float
     rank: int
     duplicates: tuple[str, ...] = field(default=())
+    same_file: bool | None = None  # with an example photo: this hit holds that very file content
 
     def to_dict(self) -> dict:
         """JSON-safe: ``path`` and ``duplicates`` in display form (``paths.display``: valid UTF-8,
@@ -64,6 +64,8 @@ class Hit:
         give the exact bytes of the name, base64-encoded, to open the file with."""
         d = {"rank": self.rank, "score": self.score, "path": display(self.path),
              "duplicates": [display(p) for p in self.duplicates]}
+        if self.same_file is not None:
+            d["same_file"] = self.same_file
         if d["path"] != self.path:
             d["path_bytes_b64"] = path_bytes_b64(self.path)
         if d["duplicates"] != list(self.duplicates):
@@ -71,15 +73,9 @@ class Hit:
         return d
 
 
-class _Checked(NamedTuple):
-    """A query's arguments after ``Searcher._checked``: ``text`` None when blank, ``floor`` the
-    score threshold (None: none)."""
-
-    sketch: object
-    text: str | None
-    top_k: int
-    sketch_weight: float | None
-    floor: float | None
+def _content_hash(source) -> str:
+    """sha256 of an example photo's file ("" for a decoded image: its file is unknown)."""
+    return file_sha256(source) if isinstance(source, (str, os.PathLike)) else ""
 
 
 def _check_positive(name: str, value, error=ParameterError) -> int | None:
@@ -99,6 +95,8 @@ class Searcher:
     ``M`` / ``ef_construction``: used only when ``enroll`` creates the index.
     ``precision``: "fp32" or "int8" (the export's quantised graphs).
     ``provider``: onnxruntime execution provider (``cpu``, ``cuda``...; ``stbir_infer.session``).
+    ``edge_weight``: the share of the edge gallery in a sketch-only query's score, where the
+    index has one (``stbir_infer.edge_gallery``; None: its default, 0: photo vectors only).
     An index built with another export is refused (ModelMismatchError) here, not at first query.
 
     A long-lived Searcher (the web server) follows new generations as writers commit them; one
@@ -109,8 +107,9 @@ class Searcher:
     def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
                  ef_search: int | None = None, M: int | None = None,
                  ef_construction: int | None = None, precision: str = "fp32",
-                 provider: str = DEFAULT_PROVIDER):
+                 provider: str = DEFAULT_PROVIDER, edge_weight: float | None = None):
         self.threads = _check_positive("threads", threads)
+        self.edge_weight = edge_gallery.check_weight(edge_weight)
         self.ef_search = _check_positive("ef_search", ef_search)
         if (self.ef_search or 0) > MAX_EF:  # hnswlib's set_ef overflowed on 1e23
             raise ParameterError(f"ef_search must be at most {MAX_EF}, not {self.ef_search}")
@@ -168,16 +167,19 @@ class Searcher:
     # -- enroll ---------------------------------------------------------------------------------------
     def enroll(self, images_dir: str | Path, batch_size: int = 32, progress: bool = False, *,
                checkpoint_seconds: float = 300.0,
-               follow_external_links: bool = False, tags=None) -> EnrollReport:
+               follow_external_links: bool = False, tags=None,
+               edge_gallery: bool | None = None) -> EnrollReport:
         """Add new / changed images under ``images_dir``, drop removed ones (see EnrollReport).
         ``follow_external_links``: also index files that symbolic links reach outside
         ``images_dir`` (off: such links are reported as skipped). ``tags`` ({key: value}):
-        set on every photo of the folder, for ``query(where=...)``."""
+        set on every photo of the folder, for ``query(where=...)``. ``edge_gallery``: a new
+        index also stores each photo's pseudo-sketch vector (None: the default)."""
         report = enroll(self.encoders, self.index_dir, images_dir, batch_size=batch_size,
                         progress=progress, M=self._M, ef_construction=self._ef_construction,
                         ef_search=self.ef_search, threads=self.threads,
                         checkpoint_seconds=checkpoint_seconds,
-                        follow_external_links=follow_external_links, tags=tags)
+                        follow_external_links=follow_external_links, tags=tags,
+                        edge_gallery=edge_gallery)
         self.reload()
         return report
 
@@ -205,66 +207,67 @@ class Searcher:
         self.fusion.combine(sketch, self.encoders.text(["warm up"])[0])
 
     def query(self, sketch=None, text: str | None = None, top_k: int = 10, *,
-              sketch_weight: float | None = None, min_score=None, where=None) -> list[Hit]:
-        """Top-k images for a sketch (path or PIL image), a text, or both (fused as the export
-        says: ``stbir_infer.fusion``). ``sketch_weight`` in [0, 1] replaces the default weight of
-        the sketch (1: sketch only, 0: text only). ``min_score`` (a number or "auto": the export's
-        validation threshold for the query's mode) drops weaker hits: an empty list means no
-        match. ``where`` ({key: value} or ["key=value"]: ``folder`` or an enroll tag) keeps only
-        matching photos (``stbir_infer.filters``). Raises QueryError when neither input is given
-        or a value is out of range."""
-        q = self._checked(sketch, text, top_k, sketch_weight, min_score)
-        idx = self._require_index()
-        where = parse_where(where)
-        if where:
-            idx.labels_where(where)  # an unknown key fails before any encoding
-        try:
-            s = self.encoders.sketch([sketch])[0] if sketch is not None else None
-        except ImageDecodeError as exc:
-            raise QueryError(f"sketch: {exc}") from None
-        t = self.encoders.text([q.text])[0] if q.text is not None else None
-        return self._answer(idx, q, s, t, where)
+              sketch_weight: float | None = None, min_score=None, where=None, image=None,
+              image_weight: float | None = None, like: int | None = None) -> list[Hit]:
+        """Top-k images for a sketch (path or PIL image), a text, an example photo (``image``: a
+        path or PIL image; ``like``: the id of a photo in the index), or several of them (fused
+        as ``stbir_infer.fusion`` says). ``sketch_weight`` in [0, 1] replaces the default weight
+        of the sketch (1: sketch only, 0: text only), ``image_weight`` the example photo's share.
+        ``min_score`` (a number or "auto": the export's validation threshold for the query's
+        mode) drops weaker hits: an empty list means no match. ``where`` ({key: value} or
+        ["key=value"]: ``folder`` or an enroll tag) keeps only matching photos
+        (``stbir_infer.filters``). With an example photo each hit says whether it holds the
+        same file content (``same_file``). QueryError when no input is given or a value is
+        out of range (``stbir_infer.query_spec``)."""
+        return self.answer(QuerySpec.parse(
+            sketch=sketch, text=text, top_k=top_k, sketch_weight=sketch_weight,
+            min_score=min_score, where=where, image=image, image_weight=image_weight, like=like))
 
-    def query_many(self, queries: Sequence[dict], *, errors: str = "raise",
+    def answer(self, spec: QuerySpec) -> list[Hit]:
+        """``query`` for a checked ``QuerySpec``."""
+        return self.query_many([spec])[0]
+
+    def query_many(self, queries: Sequence[dict | QuerySpec], *, errors: str = "raise",
                    batch_size: int = 32) -> list:
-        """``query`` for many queries at once: each a dict of ``query``'s keyword arguments
-        (``sketch``, ``text``, ``top_k``, ``sketch_weight``, ``min_score``, ``where``).
-        Sketches and texts are encoded in batches of ``batch_size``, so this answers many more
-        queries a second than one ``query`` call each. Returns one list of hits per query, in
-        order, equal to what ``query`` returns for it (scores to float rounding).
-        ``errors="return"``: a query that cannot run gets its QueryError in its place instead of
-        raising it."""
+        """``query`` for many queries at once: each a ``QuerySpec`` or a dict of ``query``'s
+        keyword arguments. Sketches, photos and texts are encoded in batches of ``batch_size``,
+        so this answers many more queries a second than one ``query`` call each. Returns one list
+        of hits per query, in order. ``errors="return"``: a query that cannot run gets its
+        QueryError in its place instead of raising it."""
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         batch_size = _check_positive("batch_size", batch_size, QueryError)
         out: list = [None] * len(queries)
-        checked, wheres = {}, {}
+        specs: dict[int, QuerySpec] = {}
         for i, q in enumerate(queries):
             try:
-                if not isinstance(q, dict):
-                    raise QueryError(f"a query is a dict, not {type(q).__name__}")
-                unknown = ", ".join(sorted(map(str, set(q) - QUERY_KEYS)))
-                if unknown:
-                    raise QueryError(f"unknown key(s) {unknown} (a query takes "
-                                     f"{', '.join(sorted(QUERY_KEYS))})")
-                checked[i] = self._checked(q.get("sketch"), q.get("text"), q.get("top_k", 10),
-                                           q.get("sketch_weight"), q.get("min_score"))
-                wheres[i] = parse_where(q.get("where"))
+                specs[i] = QuerySpec.from_dict(q)
             except QueryError as exc:
                 out[i] = exc
-        idx = self._require_index() if checked else None
-        for i, where in wheres.items():
+        idx = self._require_index() if specs else None
+        floors = {}
+        for i, q in specs.items():
             try:
-                if where:
-                    idx.labels_where(where)  # an unknown key fails before any encoding
+                floors[i] = self.min_score_for(q.min_score, mode=q.mode)
+                if q.where:
+                    idx.labels_where(q.where)  # an unknown key fails before any encoding
             except QueryError as exc:
                 out[i] = exc
-        sketches = self._encode_many(checked, "sketch", out, batch_size)
-        texts = self._encode_many(checked, "text", out, batch_size)
-        for i, q in checked.items():
+        sketches = self._encode_many(specs, "sketch", out, batch_size)
+        images = self._encode_many(specs, "image", out, batch_size)
+        texts = self._encode_many(specs, "text", out, batch_size)
+        for i, q in specs.items():
             if out[i] is None:
                 try:
-                    out[i] = self._answer(idx, q, sketches.get(i), texts.get(i), wheres[i])
+                    image, sha = images.get(i, (None, None))
+                    if q.like is not None:
+                        image, sha = self._stored(idx, q.like)
+                    vector = self.fusion.query(sketches.get(i), texts.get(i), image,
+                                               q.sketch_weight, q.image_weight)
+                    hits = self._search(idx, vector, q.top_k, q.where,
+                                        same=sha if q.has_image else None,
+                                        sketch=sketches.get(i) if q.mode == "sketch" else None)
+                    out[i] = hits if floors[i] is None else [h for h in hits if h.score >= floors[i]]
                 except QueryError as exc:
                     out[i] = exc
         if errors == "raise":
@@ -273,56 +276,54 @@ class Searcher:
                 raise first
         return out
 
-    def _checked(self, sketch, text, top_k, sketch_weight, min_score) -> _Checked:
-        """A query's arguments checked (QueryError otherwise); a blank text is no text."""
-        if top_k is None:
-            raise QueryError("top_k must be an integer >= 1, not None")
-        top_k = _check_positive("top_k", top_k, QueryError)
-        if text is not None and not isinstance(text, str):
-            raise QueryError(f"text must be a string, not {type(text).__name__}")
-        if sketch is None and (text is None or not text.strip()):
-            raise QueryError(QUERY_NEEDS_INPUT)
-        check_weight(sketch_weight)
-        floor = self.min_score_for(min_score, sketch, text)
-        return _Checked(sketch, text if text is not None and text.strip() else None, top_k,
-                        sketch_weight, floor)
+    @staticmethod
+    def _stored(idx: GalleryIndex, label: int) -> tuple[np.ndarray, str]:
+        """The stored vector and sha256 of an enrolled photo ("more like this")."""
+        if label not in idx.items:
+            raise QueryError(f"like: no photo with id {label} in the index")
+        return np.asarray(idx.hnsw.get_items([label]), np.float32)[0], idx.items[label]
 
-    def _encode_many(self, checked: dict, branch: str, out: list, batch_size: int) -> dict:
-        """{query number: vector} for the queries that have a ``branch`` input, encoded in
-        batches; a query whose input cannot be encoded gets its QueryError in ``out``."""
-        todo = [(i, getattr(q, branch)) for i, q in checked.items()
+    def _encode_many(self, specs: dict, branch: str, out: list, batch_size: int) -> dict:
+        """{query number: vector} for the queries that have a ``branch`` input (for ``image``:
+        (vector, sha256 of the file or None)), encoded in batches; a query whose input cannot
+        be read or encoded gets its QueryError in ``out``."""
+        todo = [(i, getattr(q, branch)) for i, q in specs.items()
                 if getattr(q, branch) is not None and out[i] is None]
-        vectors = {}
-        if branch == "sketch":  # decode one by one: a bad file fails only its own query
+        vectors, shas = {}, {}
+        if branch != "text":  # decode one by one: a bad file fails only its own query
             pixels = []
-            for i, sketch in todo:
+            for i, source in todo:
                 try:
-                    pixels.append((i, self.encoders.preprocess("sketch", [sketch])[0]))
-                except ValueError as exc:  # ImageDecodeError, or a shape that resizes to nothing
-                    out[i] = QueryError(f"sketch: {exc}")
+                    pixels.append((i, self.encoders.preprocess(branch, [source])[0]))
+                    if branch == "image":
+                        shas[i] = specs[i].image_sha256 or _content_hash(source)
+                except (ValueError, OSError) as exc:  # ImageDecodeError, a shape that resizes to nothing
+                    out[i] = QueryError(f"{branch}: {exc}")
             todo = pixels
         for start in range(0, len(todo), batch_size):
             part = todo[start:start + batch_size]
             inputs = [x for _, x in part]
             try:
-                got = (self.encoders.encode_pixels("sketch", np.stack(inputs))
-                       if branch == "sketch" else self.encoders.text(inputs))
+                got = (self.encoders.text(inputs) if branch == "text"
+                       else self.encoders.encode_pixels(branch, np.stack(inputs)))
                 bad = set()
             except NonFiniteEmbeddingError as exc:
                 got, bad = exc.vectors, set(exc.rows)
                 for row in bad:
-                    out[part[row][0]] = QueryError(str(exc))
+                    out[part[row][0]] = exc
             vectors.update((i, got[row]) for row, (i, _) in enumerate(part) if row not in bad)
+        if branch == "image":
+            return {i: (v, shas.get(i)) for i, v in vectors.items()}
         return vectors
 
-    def _answer(self, idx: GalleryIndex, q: _Checked, s, t, where=None) -> list[Hit]:
-        hits = self._search(idx, self.fusion.combine(s, t, q.sketch_weight), q.top_k, where)
-        return hits if q.floor is None else [h for h in hits if h.score >= q.floor]
-
-    def min_score_for(self, min_score, sketch=None, text: str | None = None) -> float | None:
-        """The score threshold a query with these inputs uses (None: none)."""
-        has_text = text is not None and bool(str(text).strip())
-        return self.fusion.min_score(min_score, query_mode(sketch, text if has_text else None))
+    def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
+                      mode: str | None = None) -> float | None:
+        """The score threshold a query with these inputs (or of this ``QuerySpec.mode``) uses
+        (None: none)."""
+        if mode is None:
+            mode = mode_of(sketch is not None, image is not None,
+                           text is not None and bool(str(text).strip()))
+        return self.fusion.min_score(min_score, mode)
 
     def search(self, vector: np.ndarray, top_k: int = 10, where=None) -> list[Hit]:
         """Top-k images for a precomputed query vector [D] (e.g. from ``encoders.fuse``)."""
@@ -340,15 +341,24 @@ class Searcher:
                                      "(run `stbir-infer enroll --images DIR` first)")
         return idx
 
-    def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int, where=None) -> list[Hit]:
+    def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int, where=None, *,
+                same: str | None = None, sketch: np.ndarray | None = None) -> list[Hit]:
+        """``same``: the example photo's sha256 (hits holding it get ``same_file`` True); ""
+        when it is not known (every hit False); None for a query without a photo. ``sketch``:
+        a sketch-only query's vector, scored against the edge gallery too where there is one."""
         allowed = idx.labels_where(where) if where else None
+        ef = self.ef_search or idx.params.ef_search
         with self._lock:  # hnswlib's ef is index-wide state
-            found = idx.search(vector, top_k, ef=self.ef_search or idx.params.ef_search,
-                               allowed=allowed)
+            if sketch is not None and idx.edges is not None and self.edge_weight > 0:
+                found = edge_gallery.search(idx, vector, sketch, top_k, weight=self.edge_weight,
+                                            ef=ef, allowed=allowed)
+            else:
+                found = idx.search(vector, top_k, ef=ef, allowed=allowed)
         hits = []
         for rank, (label, score) in enumerate(found, 1):
             paths = idx.paths_where(label, where) or ["?"]
-            hits.append(Hit(path=paths[0], score=score, rank=rank, duplicates=tuple(paths[1:])))
+            hits.append(Hit(path=paths[0], score=score, rank=rank, duplicates=tuple(paths[1:]),
+                            same_file=None if same is None else idx.items.get(label) == same))
         return hits
 
     # -- info ---------------------------------------------------------------------------------------
@@ -365,7 +375,7 @@ class Searcher:
             "images": len(idx), "files": len(idx.files), "skipped_files": len(idx.skipped),
             "generation": idx.generation, "created": idx.created, "updated": idx.updated,
             "roots": [display(r) for r in idx.roots], "space": SPACE, "dim": idx.dim,
-            "format_version": idx.format_version,
+            "format_version": idx.format_version, "edge_gallery": idx.edges is not None,
             "hnsw": {**idx.params.to_dict(),
                      "ef_search_effective": self.ef_search or idx.params.ef_search},
             "model": dict(idx.model),

@@ -335,6 +335,7 @@
       ui.info.textContent = `${h.images} image${h.images === 1 ? "" : "s"} · ${h.model.clip_model || "model"} ` +
         `${String(h.model.fingerprint).slice(0, 8)} · ${h.model.precision}`;
       ui.topK.max = String(h.limits.max_top_k);
+      ui.text.maxLength = h.limits.max_text;  // the server's rule (query_spec), not a copy of it
       if (typeof h.model.fusion_weight === "number") ui.weight.value = String(h.model.fusion_weight);
       ui.minScore.disabled = !h.model.score_threshold;
     } catch (err) {

@@ -10,9 +10,12 @@ Routes::
     GET  /                      the page (stbir_infer/static/index.html)
     GET  /static/<name>         the page's JS / CSS (only the files shipped in stbir_infer/static/)
     GET  /api/health            {"status": "ok", "images": N, "model": {...}, limits}
-    POST /api/query             multipart/form-data  fields: sketch (file), text, top_k
-                                application/json     {"text": str, "sketch": base64 PNG, "top_k": int}
-                                application/x-www-form-urlencoded  text, top_k
+    POST /api/query             multipart/form-data  fields: sketch, image (files), text, top_k,
+                                                     like, where ("key=value" lines), weights
+                                application/json     {"text": str, "sketch": base64 PNG, "image":
+                                                      base64, "like": id, "top_k": int, ...}
+                                application/x-www-form-urlencoded  the fields without files
+                                (every part checked by ``query_spec.QuerySpec``)
                                 -> {"query": {...}, "results": [{rank, score, path, name, id,
                                     image, duplicates}], "took_ms": ...}
     GET  /api/image/<id>[?size=N]   a JPEG thumbnail (longest side N, 16..1024, default 256) of
@@ -36,19 +39,18 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from stbir_infer.errors import ImageDecodeError, IndexNotFoundError, QueryError, StbirInferError
 from stbir_infer.paths import display
+from stbir_infer.query_spec import QuerySpec, limits
 from stbir_infer.web.batcher import QueryBatcher
 from stbir_infer.web.requests import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_TOP_K,
-    MAX_TEXT_CHARS,
     HTTPError,
-    Query,
     one_line,
     read_query,
 )
@@ -214,20 +216,22 @@ class App:
                       "precision": enc.precision,
                       "fusion": getattr(fusion, "method", "weighted_mean"),
                       "score_threshold": getattr(fusion, "thresholds", None) is not None},
-            "limits": {"max_body": self.max_body, "max_top_k": self.max_top_k,
-                       "max_text": MAX_TEXT_CHARS, "thumbnail_max": THUMB_MAX},
+            # What a query may hold (``query_spec.limits``: the page sets its inputs from it)
+            # and the export's score threshold per query mode (the page's slider default).
+            "limits": {**limits(self.max_top_k), "max_body": self.max_body,
+                       "thumbnail_max": THUMB_MAX},
+            "score_thresholds": dict((getattr(fusion, "thresholds", None) or {}).get("modes") or {}),
             # Encoder runs so far and the queries they answered (``web.batcher``).
             "batching": {"runs": self._batcher.runs, "queries": self._batcher.answered},
         }, headers={"Cache-Control": "no-store"})
 
-    def query(self, q: Query) -> Response:
+    def query(self, q: QuerySpec) -> Response:
         t0 = time.perf_counter()
-        opts = {}
-        if q.sketch_weight is not None:
-            opts["sketch_weight"] = q.sketch_weight
+        floor = None
         if q.min_score is not None:  # resolved once: "auto" -> the export's threshold
-            opts["min_score"] = self.searcher.min_score_for(q.min_score, q.sketch, q.text)
-        hits = self._batcher({"sketch": q.sketch, "text": q.text, "top_k": q.top_k, **opts})
+            floor = self.searcher.min_score_for(q.min_score, mode=q.mode)
+            q = replace(q, min_score=floor)
+        hits = self._batcher(q)
         took = (time.perf_counter() - t0) * 1000
         files = self._gallery().files
         results = []
@@ -241,14 +245,19 @@ class App:
                      image=f"/api/image/{label}" if label is not None else None)
             results.append(d)
         fused = q.sketch is not None and q.text is not None
+        extra = {"min_score": floor} if floor is not None else {}
+        if q.has_image:
+            extra.update(image=q.image is not None, like=q.like, mode=q.mode)
+        if q.where:
+            extra["where"] = {k: sorted(v) for k, v in q.where.items()}
         return json_response({
             "query": {"text": q.text, "sketch": q.sketch is not None, "top_k": q.top_k,
-                      "fusion_weight": (opts.get("sketch_weight", self.searcher.fusion_weight)
-                                        if fused else None),
-                      **({"min_score": opts["min_score"]} if "min_score" in opts else {})},
+                      "fusion_weight": ((self.searcher.fusion_weight if q.sketch_weight is None
+                                         else q.sketch_weight) if fused else None),
+                      **extra},
             "model": self.searcher.encoders.fingerprint,
             "count": len(results), "took_ms": round(took, 2), "results": results,
-            "no_match": bool(opts.get("min_score") is not None and not results),
+            "no_match": bool(floor is not None and not results),
         }, headers={"Cache-Control": "no-store"})
 
     def image(self, label: str, size: str | None, if_none_match: str | None = None) -> Response:

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import re
 import warnings
-from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
-from stbir_infer.contract import QUERY_NEEDS_INPUT
+from stbir_infer.errors import QueryError
+from stbir_infer.query_spec import KEYS, MAX_TEXT_CHARS, QuerySpec, check_text, check_top_k
 from stbir_infer.web import multipart
 
 DEFAULT_MAX_BODY = 10 << 20          # bytes of a request body (a photographed paper sketch fits)
 DEFAULT_MAX_TOP_K = 200
-MAX_TEXT_CHARS = 1000                # characters of a query text (the encoder reads ~77 tokens)
 MAX_SKETCH_PIXELS = 25_000_000       # a sketch larger than this is refused before it is decoded
 MAX_SKETCH_ASPECT = 20               # longest side / shortest side: a 1x100000 strip is refused
-FIELDS = ("sketch", "text", "top_k", "sketch_weight", "min_score")
+FIELDS = KEYS                        # the query's parts (``query_spec``), nothing else
 
 
 class HTTPError(Exception):
@@ -40,13 +40,7 @@ class HTTPError(Exception):
         self.headers = dict(headers or {})
 
 
-@dataclass
-class Query:
-    sketch: Image.Image | None
-    text: str | None      # None or a non-blank string
-    top_k: int
-    sketch_weight: float | None = None  # None: the export's default
-    min_score: float | str | None = None  # None, a number or "auto"
+Query = QuerySpec  # what read_query returns
 
 
 def one_line(text: str, limit: int = 80) -> str:
@@ -135,84 +129,88 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
     return fields
 
 
-def decode_sketch(data: bytes) -> Image.Image:
+def decode_image(data: bytes, name: str = "sketch") -> Image.Image:
     """Image file bytes -> a decoded PIL image; 400 for empty, unreadable, huge or extreme-shaped
     images. The size is read from the file's header and checked *before* the pixels are decoded;
     the shape check keeps a 1 x 100,000 strip from costing hundreds of MB in the resize."""
     if not data:
-        raise HTTPError(400, "sketch: empty file")
+        raise HTTPError(400, f"{name}: empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w < 1 or h < 1 or w * h > MAX_SKETCH_PIXELS:
-                raise HTTPError(400, f"sketch: {w}x{h} pixels is too large "
+                raise HTTPError(400, f"{name}: {w}x{h} pixels is too large "
                                      f"(at most {MAX_SKETCH_PIXELS:,} pixels)")
             if max(w, h) > MAX_SKETCH_ASPECT * min(w, h):
-                raise HTTPError(400, f"sketch: {w}x{h} pixels is too elongated (the longer side "
+                raise HTTPError(400, f"{name}: {w}x{h} pixels is too elongated (the longer side "
                                      f"may be at most {MAX_SKETCH_ASPECT}x the shorter)")
             img.load()
     except HTTPError:
         raise
     except UnidentifiedImageError:
-        raise HTTPError(400, "sketch: not an image (PNG, JPEG, WebP... expected)") from None
+        raise HTTPError(400, f"{name}: not an image (PNG, JPEG, WebP... expected)") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         detail = str(exc).splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise HTTPError(400, f"sketch: not a readable image ({detail})") from None
+        raise HTTPError(400, f"{name}: not a readable image ({detail})") from None
     return img
+
+
+def decode_sketch(data: bytes) -> Image.Image:
+    return decode_image(data, "sketch")
+
+
+def _spec(**parts) -> QuerySpec:
+    """The query checked by ``QuerySpec`` (its one-line refusal as a 400)."""
+    try:
+        return QuerySpec.parse(**parts)
+    except QueryError as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _from_form(value: str | None, pattern: str, convert):
+    """A form field's string as the number it spells (other strings as they are, for
+    ``QuerySpec`` to refuse); blank or absent: None."""
+    if value is None or value.strip() == "":
+        return None
+    if re.fullmatch(pattern, value.strip()):
+        try:
+            return convert(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+_INT = r"[0-9]{1,9}"
+_FLOAT = r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?"
 
 
 def parse_top_k(value, max_top_k: int, default: int = 10) -> int:
     if value is None or (isinstance(value, str) and value == ""):
         return default
-    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,9}\s*", value):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= max_top_k:
-        raise HTTPError(400, f"top_k must be an integer between 1 and {max_top_k}, "
-                             f"not {short_repr(value)}")
-    return value
-
-
-def parse_options(sketch_weight, min_score) -> dict:
-    """``sketch_weight`` (0..1) and ``min_score`` (a number or "auto"); blank or absent = None."""
-    from stbir_infer.errors import QueryError
-    from stbir_infer.fusion import check_weight, parse_min_score
-
-    out = {}
-    if sketch_weight is not None and sketch_weight != "":
-        try:
-            if isinstance(sketch_weight, str):
-                sketch_weight = float(sketch_weight.strip())
-            out["sketch_weight"] = check_weight(sketch_weight)
-        except (ValueError, QueryError):
-            raise HTTPError(400, f"sketch_weight must be a number from 0 to 1, not "
-                                 f"{short_repr(sketch_weight)}") from None
-    if min_score is not None and min_score != "":
-        try:
-            out["min_score"] = parse_min_score(min_score)
-        except QueryError:
-            raise HTTPError(400, f"min_score must be a number or auto, not {short_repr(min_score)}") from None
-    return out
+    if isinstance(value, str):
+        value = _from_form(value, _INT, int)
+    try:
+        return check_top_k(value, max_top_k)
+    except QueryError as exc:
+        raise HTTPError(400, str(exc)) from None
 
 
 def parse_text(value) -> str | None:
-    """The query text: a string of at most MAX_TEXT_CHARS valid Unicode characters; blank is None."""
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        kind = {list: "array", dict: "object", bool: "boolean", int: "number", float: "number"}
-        raise HTTPError(400, f"text must be a string, not a JSON {kind.get(type(value), 'value')}"
-                             f" ({type(value).__name__})")
-    if len(value) > MAX_TEXT_CHARS:
-        raise HTTPError(400, f"text is {len(value):,} characters long; at most "
-                             f"{MAX_TEXT_CHARS:,} are accepted")
+    """The query text (``query_spec.check_text``); blank is None."""
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise HTTPError(400, "text is not valid Unicode (it holds a lone surrogate)") from None
-    return value if value.strip() else None
+        return check_text(value)
+    except QueryError as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def parse_where(value) -> list[str] | dict | None:
+    """``where``: "key=value" lines (a form field) or a JSON list / object, as ``--where``."""
+    if isinstance(value, str):
+        return [line for line in value.splitlines() if line.strip()]
+    return value
 
 
 def _utf8(name: str, data: bytes) -> str:
@@ -230,19 +228,25 @@ def _unknown(names, what: str) -> None:
         raise HTTPError(400, f"unknown {what}(s) {listed} (expected {', '.join(FIELDS)})")
 
 
-def query_from_form(fields: dict[str, tuple[str | None, bytes]], max_top_k: int) -> Query:
+def query_from_form(fields: dict[str, tuple[str | None, bytes]], max_top_k: int) -> QuerySpec:
     _unknown(fields, "field")
-    sketch = None
-    if "sketch" in fields:
-        filename, data = fields["sketch"]
-        if data or filename:  # an empty file input sends a part with no filename and no data
-            sketch = decode_sketch(data)
-    text = parse_text(_utf8("text", fields["text"][1])) if "text" in fields else None
-    top_k = parse_top_k(_utf8("top_k", fields["top_k"][1]) if "top_k" in fields else None,
-                        max_top_k)
-    opts = parse_options(*(_utf8(k, fields[k][1]) if k in fields else None
-                           for k in ("sketch_weight", "min_score")))
-    return Query(sketch, text, top_k, **opts)
+    images, sha = {}, None
+    for name in ("sketch", "image"):
+        if name in fields:
+            filename, data = fields[name]
+            if data or filename:  # an empty file input sends a part with no filename and no data
+                images[name] = decode_image(data, name)
+                if name == "image":
+                    sha = hashlib.sha256(data).hexdigest()
+    text = {k: _utf8(k, fields[k][1]) if k in fields else None
+            for k in ("text", "top_k", "sketch_weight", "image_weight", "min_score", "like",
+                      "where")}
+    return _spec(**images, image_sha256=sha, text=parse_text(text["text"]),
+                 top_k=parse_top_k(text["top_k"], max_top_k),
+                 sketch_weight=_from_form(text["sketch_weight"], _FLOAT, float),
+                 image_weight=_from_form(text["image_weight"], _FLOAT, float),
+                 min_score=text["min_score"] or None, like=_from_form(text["like"], _INT, int),
+                 where=parse_where(text["where"]), max_top_k=max_top_k)
 
 
 def query_from_urlencoded(body: bytes, max_top_k: int) -> Query:
@@ -266,7 +270,19 @@ def query_from_urlencoded(body: bytes, max_top_k: int) -> Query:
     return query_from_form(fields, max_top_k)
 
 
-def query_from_json(body: bytes, max_top_k: int) -> Query:
+def _base64_image(value, name: str) -> tuple[Image.Image, bytes]:
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} must be a base64 string (PNG or JPEG bytes, or a data: URL)")
+    if value.startswith("data:"):
+        value = value.split(",", 1)[1] if "," in value else ""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, f"{name} is not valid base64") from None
+    return decode_image(raw, name), raw
+
+
+def query_from_json(body: bytes, max_top_k: int) -> QuerySpec:
     try:
         data = json.loads(body.decode("utf-8"))
     except RecursionError:
@@ -276,20 +292,17 @@ def query_from_json(body: bytes, max_top_k: int) -> Query:
     if not isinstance(data, dict):
         raise HTTPError(400, 'JSON body must be an object: {"text": ..., "sketch": ..., "top_k": ...}')
     _unknown(data, "key")
-    text = parse_text(data.get("text"))
-    sketch = data.get("sketch")
-    if sketch is not None:
-        if not isinstance(sketch, str):
-            raise HTTPError(400, "sketch must be a base64 string (PNG or JPEG bytes, or a data: URL)")
-        if sketch.startswith("data:"):
-            sketch = sketch.split(",", 1)[1] if "," in sketch else ""
-        try:
-            raw = base64.b64decode(sketch, validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPError(400, "sketch is not valid base64") from None
-        sketch = decode_sketch(raw)
-    return Query(sketch, text, parse_top_k(data.get("top_k"), max_top_k),
-                 **parse_options(data.get("sketch_weight"), data.get("min_score")))
+    parts = {k: data.get(k) for k in KEYS}
+    parts["text"] = parse_text(parts["text"])
+    parts["top_k"] = parse_top_k(parts["top_k"], max_top_k)
+    parts["where"] = parse_where(parts["where"])
+    sha = None
+    for name in ("sketch", "image"):
+        if parts[name] is not None:
+            parts[name], raw = _base64_image(parts[name], name)
+            if name == "image":
+                sha = hashlib.sha256(raw).hexdigest()
+    return _spec(**parts, image_sha256=sha, max_top_k=max_top_k)
 
 
 def read_query(headers, read_body, *, max_body: int = DEFAULT_MAX_BODY,
@@ -315,12 +328,10 @@ def read_query(headers, read_body, *, max_body: int = DEFAULT_MAX_BODY,
     else:
         raise HTTPError(415, f"Content-Type {one_line(media or '(none)', 60)!r} is not supported: "
                              "send multipart/form-data or application/json")
-    if q.sketch is None and q.text is None:
-        raise HTTPError(400, QUERY_NEEDS_INPUT)
     return q
 
 
 __all__ = ["DEFAULT_MAX_BODY", "DEFAULT_MAX_TOP_K", "HTTPError", "MAX_SKETCH_ASPECT",
            "MAX_SKETCH_PIXELS", "MAX_TEXT_CHARS", "Query", "check_origin", "content_length",
-           "decode_sketch", "one_line", "parse_multipart", "parse_text", "parse_top_k",
-           "read_query"]
+           "decode_image", "decode_sketch", "one_line", "parse_multipart", "parse_text",
+           "parse_top_k", "read_query"]

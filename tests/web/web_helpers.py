@@ -162,4 +162,5 @@ class FakeSearcher:
         return hits
 
     def query_many(self, queries, errors="raise", batch_size=32):  # what the App calls
-        return [self.query(**q) for q in queries]
+        return [self.query(**q) if isinstance(q, dict) else self.query(q.sketch, q.text, q.top_k)
+                for q in queries]
