@@ -464,10 +464,10 @@ def checkpoint_recall(cfg_path: Path, checkpoint: str) -> dict:
     from stbir_train.config import load_config
     from stbir_train.data import ImageCache
     from stbir_train.evaluate import evaluate_rows
-    from stbir_train.manifest import manifest_paths, read_manifest
+    from stbir_train.manifest import manifest_paths, read_manifest_rows
 
     cfg = load_config(cfg_path)
     model, _ = load_model(checkpoint)
-    res = evaluate_rows(model, read_manifest(manifest_paths(cfg)["test"]),
+    res = evaluate_rows(model, read_manifest_rows(manifest_paths(cfg)["test"]),
                         ImageCache(cfg.resolve(cfg.data.root)))
     return {m: {k: res["modes"][m]["overall"][k] for k in ("R@1", "R@10")} for m in res["modes"]}

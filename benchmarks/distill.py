@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
 
     from stbir_export import export_checkpoint
     from stbir_infer import Searcher
-    from stbir_train.manifest import manifest_paths, read_manifest
+    from stbir_train.manifest import manifest_paths, read_manifest_rows
 
     out = args.workdir.resolve()
     data, base = common.synth_data(out, args.per_category)
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     for name in MODELS:
         runs[name]["latency_ms"] = lat[name]
 
-    rows = read_manifest(manifest_paths(base)["test"])
+    rows = read_manifest_rows(manifest_paths(base)["test"])
     gallery = out / "gallery"
     if not gallery.is_dir():
         for r in rows:

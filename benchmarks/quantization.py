@@ -96,14 +96,14 @@ def run(args, log) -> dict:
 
     from stbir_infer.encoders import Encoders
     from stbir_train.config import load_config
-    from stbir_train.manifest import build_manifests, manifest_paths, read_manifest
+    from stbir_train.manifest import build_manifests, manifest_paths, read_manifest_rows
 
     cfg = load_config(args.config)
     path = manifest_paths(cfg)[args.split]
     if not path.is_file():
         log(f"{path} missing: building the manifests (as `stbir-train evaluate` does)")
         build_manifests(cfg)
-    rows = read_manifest(path)
+    rows = read_manifest_rows(path)
     root = cfg.resolve(cfg.data.root)
     work = Path(tempfile.mkdtemp(prefix="stbir-bench-quant-", dir=args.workdir))
     try:

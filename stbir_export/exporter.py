@@ -26,10 +26,12 @@ from models import CheckpointError, ModelError, load_model, open_clip_scope
 from models.space import embedding_space
 from stbir_export import combiner as combiner_export
 from stbir_export import graphs
-from stbir_export import quantize as quantization
-from stbir_export import verify as verification
 from stbir_export.errors import ExportError
+
+# Functions by name: the parameters `quantize` and `verify` would shadow the modules.
+from stbir_export.quantize import Calibration, calibration_set, quantize_tower
 from stbir_export.tokenizer import write_tokenizer
+from stbir_export.verify import MIN_COSINE, trim_cosine, verify_graph
 from stbir_infer.contract import (
     COMBINER_FORMAT_VERSION,
     EXPORT_FORMAT,
@@ -76,7 +78,7 @@ def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | N
     try:
         log(f"loading {checkpoint}")
         model = _load(checkpoint)
-        calib = None if calibration is None else quantization.calibration_set(
+        calib = None if calibration is None else calibration_set(
             calibration, checkpoint, model.export_meta.get("config"), model.input_specs())
         manifest = _build(model, tmp, checkpoint=checkpoint, opset=int(opset), quantize=quantize,
                           verify=verify, batch=int(batch), log=log, fusion=fusion,
@@ -159,7 +161,7 @@ def _install(tmp: Path, out: Path, force: bool) -> None:
 
 def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | None,
            verify: bool, batch: int, log, fusion: str = "auto", threshold_far: float = 1e-3,
-           calibration: quantization.Calibration | None = None) -> dict:
+           calibration: Calibration | None = None) -> dict:
     np.save(tmp / TOKEN_EMBEDDING, model.token_table.detach().float().numpy())
     table = np.load(tmp / TOKEN_EMBEDDING, allow_pickle=False)  # verification uses what ships
     tokenizer = write_tokenizer(model, tmp)
@@ -179,7 +181,7 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
         lookup = table if enc == "text" else None
         entry = {"file": name}
         if verify:
-            checks[enc] = verification.verify_graph(model, enc, tmp / name, lookup, batch)
+            checks[enc] = verify_graph(model, enc, tmp / name, lookup, batch)
             c = checks[enc]
             log(f"  verify {enc}: onnxruntime min cosine {c['min_cosine']:.7f}, max abs diff "
                 f"{c['max_abs_diff']:.1e}; ReferenceEvaluator min cosine "
@@ -187,13 +189,13 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
                 f" (batch 1 and {batch})")
         if quantize == "int8":
             entry["int8_file"] = name.replace(".onnx", ".int8.onnx")
-            int8s[enc] = quantization.quantize_tower(
+            int8s[enc] = quantize_tower(
                 model, enc, tmp / name, tmp / entry["int8_file"], calibration, lookup, batch, log)
         entry.update(inputs=graphs.input_specs(model, enc), output=GRAPH_OUTPUT)
         if enc == "text":
             entry["token_embedding"] = TOKEN_EMBEDDING
-            cos = verification.trim_cosine(model, tmp / name, table)
-            entry["trim_tokens"] = cos >= verification.MIN_COSINE
+            cos = trim_cosine(model, tmp / name, table)
+            entry["trim_tokens"] = cos >= MIN_COSINE
             log(f"  text: {'trims' if entry['trim_tokens'] else 'does not trim'} the tokens after "
                 f"the last end-of-text at run time (min cosine to all tokens {cos:.7f})")
         else:

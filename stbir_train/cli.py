@@ -68,8 +68,9 @@ def synth(out_dir, per_category, test_per_category, sketches_per_photo, seed):
 @click.argument("photos_dir", type=click.Path(file_okay=False))
 @click.argument("captions", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--method", type=click.Choice(["canny", "xdog"]), default="canny", show_default=True,
-              help="Edge extraction that makes the pseudo-sketches.")
+@click.option("--method", type=click.Choice(["canny", "xdog", "contour"]), default="canny",
+              show_default=True, help="Pseudo-sketch recipe: an edge extraction (canny, xdog) or "
+              "the long strokes of the salient object (contour; needs scikit-image).")
 @click.option("--test", "test_photos", default=100, show_default=True, help="Photos in the test split.")
 @click.option("--sketches-per-photo", default=3, show_default=True, help="Training sketch variants per photo.")
 @click.option("--limit", default=0, show_default=True, help="Use only the first N photos (0: all).")
@@ -109,11 +110,11 @@ def sketchify(photos_dir, captions, out_dir, method, test_photos, sketches_per_p
 def manifest(config_path, seed):
     """Build train/val/test JSONL manifests with hard negatives."""
     from stbir_train.config import load_config
-    from stbir_train.manifest import build_manifests, read_manifest
+    from stbir_train.manifest import build_manifests, read_manifest_rows
 
     cfg = load_config(config_path)
     for split, path in build_manifests(cfg, seed).items():
-        click.echo(f"{split}: {len(read_manifest(path))} rows -> {path}")
+        click.echo(f"{split}: {len(read_manifest_rows(path))} rows -> {path}")
 
 
 @main.command()

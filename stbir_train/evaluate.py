@@ -146,12 +146,12 @@ def run_evaluation(cfg, checkpoint: str | Path, split: str = "test", compare: st
     """`stbir-train evaluate`: metrics of one checkpoint (and optionally a second one on the same
     rows) -> printed tables and ``results.json``; returns the JSON's path."""
     from models import load_model
-    from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
+    from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest_rows
 
     paths = manifest_paths(cfg)
     if not paths[split].is_file():
         build_manifests(cfg)
-    rows = read_manifest(paths[split])
+    rows = read_manifest_rows(paths[split])
     root = cfg.resolve(cfg.data.root)
     check_files(rows, root, paths[split])
     cache = ImageCache(root)

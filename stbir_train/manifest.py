@@ -196,7 +196,7 @@ def build_manifests(cfg: Config, seed: int | None = None, warn=None) -> dict[str
     return paths
 
 
-def read_manifest(path: str | Path) -> list[dict]:
+def read_manifest_rows(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: manifest not found")

@@ -102,14 +102,14 @@ def _vectors(enc, rows, root) -> dict:
 
 
 def _test_split(config_path, where):
-    from stbir_train.manifest import build_manifests, manifest_paths, read_manifest
+    from stbir_train.manifest import build_manifests, manifest_paths, read_manifest_rows
 
     cfg = load_config(config_path)
     if where is not None:
         cfg.output_dir = str(where)
     if not manifest_paths(cfg)["test"].is_file():
         build_manifests(cfg)
-    return read_manifest(manifest_paths(cfg)["test"]), cfg.resolve(cfg.data.root)
+    return read_manifest_rows(manifest_paths(cfg)["test"]), cfg.resolve(cfg.data.root)
 
 
 def test_int8_vectors_match_fp32_through_the_runtime(calibrated, tiny_dataset):

@@ -13,7 +13,7 @@ from stbir_train import distributed
 from stbir_train.config import load_config
 from stbir_train.data import ImageCache
 from stbir_train.evaluate import encode_rows
-from stbir_train.manifest import manifest_paths, read_manifest
+from stbir_train.manifest import manifest_paths, read_manifest_rows
 from stbir_train.train import build_or_resume, prepare_data, run_stages, setup
 
 DEVICE = "cuda"
@@ -64,7 +64,7 @@ def test_cuda_training_with_amp_writes_a_checkpoint_that_embeds_alike_on_cpu(
                for k, v in cpu_model.state_dict().items())
 
     # The same rows embedded in fp32 eval on both devices (the GPU may use TF32 convolutions).
-    rows = read_manifest(manifest_paths(cfg)["train"])[:16]
+    rows = read_manifest_rows(manifest_paths(cfg)["train"])[:16]
     cache = ImageCache(cfg.resolve(cfg.data.root))
     on_gpu = encode_rows(run.model, rows, cache, device=run.procs.device)
     on_cpu = encode_rows(cpu_model, rows, cache)

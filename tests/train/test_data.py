@@ -9,7 +9,7 @@ from PIL import Image
 
 from stbir_train.config import CurriculumSpec, NoiseSpec, StageNoise, load_config
 from stbir_train.data import ImageCache
-from stbir_train.manifest import DataError, build_manifests, check_files, read_manifest, read_split
+from stbir_train.manifest import DataError, build_manifests, check_files, read_manifest_rows, read_split
 from stbir_train.noise import NoiseSchedule
 
 
@@ -75,7 +75,7 @@ def test_manifest_pointing_at_missing_file_is_named(tree):
     root, cfg_path = tree
     cfg = load_config(cfg_path)
     paths = build_manifests(cfg)
-    rows = read_manifest(paths["train"])
+    rows = read_manifest_rows(paths["train"])
     (root / rows[0]["image"]).unlink()
     with pytest.raises(DataError, match=rf"missing file .*{rows[0]['image']}"):
         check_files(rows, root, paths["train"])
@@ -99,7 +99,7 @@ def test_negatives_differ_from_positive_and_share_category_or_virtual_class(tiny
     cfg = load_config(write_config(tiny_dataset, tmp_path, **{"data.negatives_per_modality": 3}))
     paths = build_manifests(cfg)
     for split in ("train", "test"):
-        rows = read_manifest(paths[split])
+        rows = read_manifest_rows(paths[split])
         by_image = {r["image"]: r for r in rows}
         for r in rows:
             assert len(r["negative_images"]) == len(r["negative_sketches"]) == len(r["negative_texts"]) == 3

@@ -81,9 +81,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_
     real = loop.total_loss
     calls = {"n": 0}
 
-    from stbir_train.manifest import build_manifests, read_manifest
+    from stbir_train.manifest import build_manifests, read_manifest_rows
 
-    steps_per_epoch = len(read_manifest(build_manifests(cfg)["train"])) // cfg.training.batch_size
+    steps_per_epoch = len(read_manifest_rows(build_manifests(cfg)["train"])) // cfg.training.batch_size
 
     def poisoned(terms, loss_cfg):
         calls["n"] += 1
