@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stbir_infer import edge_gallery as _edge
 from stbir_infer import enroll_pipeline as _pipe
 from stbir_infer import store
 from stbir_infer.encoders import Encoders
@@ -112,8 +113,9 @@ class _Candidate:
 
 def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
                    ef_construction: int | None = None, ef_search: int | None = None,
-                   threads: int | None = None) -> GalleryIndex:
-    """The live index (checked against the export and the requested params), or a new one.
+                   threads: int | None = None, edge_gallery: bool | None = None) -> GalleryIndex:
+    """The live index (checked against the export and the requested params), or a new one
+    (with an edge gallery when ``edge_gallery``, None: ``edge_gallery.DEFAULT_ON``).
     ``unsaved`` is non-zero where it differs from what is on disk (new, new ef_search, or an
     older format that the next commit upgrades)."""
     model = encoders.model_record()
@@ -125,6 +127,10 @@ def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
             if want is not None and int(want) != have:
                 raise ParameterError(f"{index_dir}: index was built with {name}={have}; it cannot "
                                      f"change on an existing index (enroll into a new --index)")
+        if edge_gallery is not None and edge_gallery != (idx.edges is not None):
+            raise ParameterError(f"{index_dir}: index was built {'with' if idx.edges else 'without'}"
+                                 " an edge gallery; that is chosen when an index is created "
+                                 "(enroll into a new --index)")
         if ef_search is not None:
             idx.set_ef_search(int(ef_search))
         if idx.format_version < store.INDEX_FORMAT_VERSION:
@@ -132,6 +138,8 @@ def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
         return idx
     params = HnswParams.with_defaults(M, ef_construction, ef_search)
     idx = GalleryIndex.create(dim=encoders.embed_dim, model=model, params=params)
+    if _edge.DEFAULT_ON if edge_gallery is None else edge_gallery:
+        idx.edges = _edge.EdgeVectors(idx.dim)
     if threads:
         idx.hnsw.set_num_threads(int(threads))
     return idx
@@ -141,9 +149,12 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
            batch_size: int = 32, progress: bool = False, M: int | None = None,
            ef_construction: int | None = None, ef_search: int | None = None,
            threads: int | None = None, checkpoint_seconds: float = 300.0,
-           follow_external_links: bool = False, tags=None) -> EnrollReport:
+           follow_external_links: bool = False, tags=None,
+           edge_gallery: bool | None = None) -> EnrollReport:
     """Add / refresh ``images_dir`` in the index at ``index_dir`` (created if missing).
     ``tags`` ({key: value} or ["key=value"]): set on every file of the folder (``filters``).
+    ``edge_gallery``: a new index stores each photo's pseudo-sketch vector too
+    (``stbir_infer.edge_gallery``; None: the default); an existing one keeps what it has.
 
     Holds the writer lock throughout (a second writer gets IndexLockedError). Commits a new
     generation at the end, and every ``checkpoint_seconds`` while encoding a large folder, so a
@@ -167,7 +178,7 @@ def enroll(encoders: Encoders, index_dir: str | Path, images_dir: str | Path, *,
         with _timed(report, "open"):
             store.cleanup(index_dir)  # leftovers of a crashed writer
             idx = open_or_create(encoders, index_dir, M=M, ef_construction=ef_construction,
-                                 ef_search=ef_search, threads=threads)
+                                 ef_search=ef_search, threads=threads, edge_gallery=edge_gallery)
             idx.add_root(str(root))  # before any checkpoint: entries are stored relative to it
         run = _Enrollment(encoders, idx, index_dir, root, report, batch_size=batch_size,
                           threads=threads, checkpoint_seconds=checkpoint_seconds)
@@ -290,13 +301,14 @@ class _Enrollment:
         encoded and added here, with a checkpoint commit every ``checkpoint_seconds``."""
         report, stages = self.report, self.report.stages
         spec = self.encoders.spec("image")
+        sketch_spec = self.encoders.spec("sketch") if self.idx.edges is not None else None
         todo = list(groups.items())
         batches = [todo[i:i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         last_commit = time.monotonic()
         bar = _progress(len(todo), progress)
         try:
             for n, (batch, decoded) in enumerate(_pipe.decoded_batches(
-                    batches, spec, stages, workers=self.workers)):
+                    batches, spec, stages, workers=self.workers, sketch_spec=sketch_spec)):
                 with _timed(report, "encode"):
                     self._encode_batch(batch, decoded)
                 if bar is not None:
@@ -313,14 +325,15 @@ class _Enrollment:
 
     def _encode_batch(self, batch, decoded) -> None:
         idx, report, stages = self.idx, self.report, self.report.stages
-        arrays, ready = [], []  # ready: (sha, files whose bytes were decoded or match them)
-        for (sha, group), (result, changed) in zip(batch, decoded):
+        arrays, ready, sketches = [], [], []  # ready: (sha, files decoded or matching them)
+        for (sha, group), (result, changed, sketch) in zip(batch, decoded):
             for c in changed:
                 report.skip(c.path, CHANGED)
             group = [c for c in group if all(c is not x for x in changed)]
             if isinstance(result, np.ndarray):
                 arrays.append(result)
                 ready.append((sha, group))
+                sketches.append(sketch)
             elif isinstance(result, ExportDirError):  # the export cannot preprocess: exit 2
                 raise result
             elif result is not None:
@@ -329,11 +342,14 @@ class _Enrollment:
             return
         t0 = time.perf_counter()
         vectors, bad_rows = _pipe.encode(self.encoders, np.stack(arrays))
+        edges = _edge.encode(self.encoders, sketches) if idx.edges is not None else None
         t1 = time.perf_counter()
         for row in sorted(bad_rows, reverse=True):
             self._reject(ready.pop(row)[1], "the image encoder gave a non-finite vector")
-        vectors = np.delete(vectors, sorted(bad_rows), axis=0) if bad_rows else vectors
-        idx.add_vectors(vectors, [sha for sha, _ in ready])
+        if bad_rows:
+            vectors = np.delete(vectors, sorted(bad_rows), axis=0)
+            edges = None if edges is None else np.delete(edges, sorted(bad_rows), axis=0)
+        idx.add_vectors(vectors, [sha for sha, _ in ready], edges)
         report.encoded += len(ready)
         for sha, group in ready:
             report.duplicates += len(group) - 1

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from stbir_infer import preprocess as _pre
+from stbir_infer.edges import gallery_sketch
 from stbir_infer.errors import NonFiniteEmbeddingError
 from stbir_infer.scan import opened_if_sha, stamp
 
@@ -62,14 +63,19 @@ def default_workers(threads: int | None = None) -> int:
 
 
 def decoded_batches(batches: Iterable[Sequence], spec: dict, stages: Stages, *, workers: int,
-                    ahead: int = AHEAD) -> Iterator[tuple[Sequence, list]]:
+                    ahead: int = AHEAD, sketch_spec: dict | None = None
+                    ) -> Iterator[tuple[Sequence, list]]:
     """For each batch of (sha256, files) pairs, in order: (the batch, one outcome per pair).
 
     An outcome is (float32 pixels [C, S, S], or the exception saying why not, or None when no
-    file still holds the content; the files whose bytes changed since they were hashed). Each
+    file still holds the content; the files whose bytes changed since they were hashed; with
+    ``sketch_spec``, the sketch tower's pixels of the photo's pseudo-sketch for the edge
+    gallery, else None). Each
     batch is split into one chunk per worker; while the caller holds one batch, the next
     ``ahead`` are being decoded (never more), so the workers keep busy while the caller encodes."""
     _pre.check_spec(spec)  # an export's bad value stops here, once, not at every image
+    if sketch_spec is not None:
+        _pre.check_spec(sketch_spec)
     workers = max(1, int(workers))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enroll-decode")
     todo = iter(batches)
@@ -78,7 +84,8 @@ def decoded_batches(batches: Iterable[Sequence], spec: dict, stages: Stages, *, 
     def submit(batch):
         per_chunk = max(1, -(-len(batch) // workers))
         chunks = [batch[i:i + per_chunk] for i in range(0, len(batch), per_chunk)]
-        queued.append((batch, [pool.submit(_decode_chunk, chunk, spec) for chunk in chunks]))
+        queued.append((batch, [pool.submit(_decode_chunk, chunk, spec, sketch_spec)
+                               for chunk in chunks]))
 
     try:
         for batch in todo:
@@ -103,19 +110,24 @@ def decoded_batches(batches: Iterable[Sequence], spec: dict, stages: Stages, *, 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decode_chunk(chunk: Sequence, spec: dict) -> tuple[list, float, float]:
-    """The outcomes of one chunk, and the seconds it spent decoding and preprocessing."""
+def _decode_chunk(chunk: Sequence, spec: dict, sketch_spec: dict | None = None
+                  ) -> tuple[list, float, float]:
+    """The outcomes of one chunk, and the seconds it spent decoding and preprocessing (the
+    pseudo-sketch's extraction counts as preprocessing)."""
     out, t_decode, t_pre = [], 0.0, 0.0
     for sha, group in chunk:
         t0 = time.perf_counter()
         img, changed = _read_and_decode(sha, group, int(spec["channels"]), int(spec["size"]))
         t1 = time.perf_counter()
+        sketch = None
         if isinstance(img, Image.Image):
             try:
+                if sketch_spec is not None:
+                    sketch = _pre.load(gallery_sketch(img), sketch_spec)  # as a drawn query
                 img = _pre.preprocess(img, spec)
             except Exception as exc:  # noqa: BLE001  (e.g. a strip that resizes to nothing)
                 img = exc
-        out.append((img, changed))
+        out.append((img, changed, sketch))
         t_decode += t1 - t0
         t_pre += time.perf_counter() - t1
     return out, t_decode, t_pre

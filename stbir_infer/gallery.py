@@ -15,14 +15,15 @@ Saving and loading go through ``stbir_infer.store`` (generations, CURRENT, check
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stbir_infer import filters, hnsw_file, index_meta, roots, store
-from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, embedding_space
+from stbir_infer import filters, hnsw_file, roots, store
+from stbir_infer.contract import embedding_space
+from stbir_infer.edge_gallery import EDGE_FILE, EdgeVectors
 from stbir_infer.errors import IndexFormatError, ModelMismatchError, ParameterError, QueryError
+from stbir_infer.index_meta import HnswParams
 
 SPACE = store.SPACE
 # Past this share of deleted slots, save() rebuilds the graph from the live vectors: marked
@@ -30,36 +31,6 @@ SPACE = store.SPACE
 # refilling them with replace_deleted costs recall (after 50%: 0.994 instead of 1.0 at ef 64 and
 # 128); benchmarks/index.py --lifecycle.
 MAX_DELETED_SHARE = 0.3
-
-
-@dataclass(frozen=True)
-class HnswParams:
-    """HNSW build/search settings. M and ef_construction are fixed when an index is created;
-    ef_search is a query-time setting (raised to top_k when a query asks for more)."""
-
-    M: int = HNSW_M
-    ef_construction: int = HNSW_EF_CONSTRUCTION
-    ef_search: int = HNSW_EF_SEARCH
-
-    def __post_init__(self):
-        for name, lo in (("M", 2), ("ef_construction", 1), ("ef_search", 1)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-                raise ParameterError(f"HNSW {name} must be an integer >= {lo}, not {v!r}")
-        if self.M > 512 or max(self.ef_construction, self.ef_search) > index_meta.MAX_EF:
-            raise ParameterError(f"HNSW M must be <= 512 and ef <= {index_meta.MAX_EF}")
-
-    @classmethod
-    def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> HnswParams:
-        """The contract defaults, overridden where a value is given (None: the default)."""
-        d = cls()
-        return cls(M=d.M if M is None else M,
-                   ef_construction=d.ef_construction if ef_construction is None else ef_construction,
-                   ef_search=d.ef_search if ef_search is None else ef_search)
-
-    def to_dict(self) -> dict:
-        return {"M": int(self.M), "ef_construction": int(self.ef_construction),
-                "ef_search": int(self.ef_search)}
 
 
 class GalleryIndex:
@@ -86,6 +57,7 @@ class GalleryIndex:
         self.files: dict[str, dict] = dict(files)
         self.skipped: dict[str, dict] = dict(skipped)
         self._where_cache: dict = {}
+        self.edges: EdgeVectors | None = None  # the edge gallery, when the index has one
         self.unsaved = 0 if meta else 1  # a new index is worth writing even when empty
         self.hnsw = hnsw if hnsw is not None else self.empty_graph(64)
         self.hnsw.set_ef(params.ef_search)
@@ -135,9 +107,13 @@ class GalleryIndex:
             hnsw.set_num_threads(int(threads))
         meta_path = gen_dir / store.META_FILE
         try:
-            return cls(dim=dim, model=dict(meta["model"]), params=params, meta=meta, hnsw=hnsw)
+            idx = cls(dim=dim, model=dict(meta["model"]), params=params, meta=meta, hnsw=hnsw)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IndexFormatError(f"{meta_path}: bad metadata ({type(exc).__name__})") from None
+        if meta.get("edges") is not None:
+            with store.verified_file(gen_dir, meta, EDGE_FILE) as path:
+                idx.edges = EdgeVectors.read(path, gen_dir / EDGE_FILE, meta, dim)
+        return idx
 
     def check_dim(self, embed_dim: int, index_dir: str | Path = "") -> None:
         if int(embed_dim) != self.dim:
@@ -177,8 +153,12 @@ class GalleryIndex:
             self.roots.append(root)
             self.unsaved += 1
 
-    def add_vectors(self, vectors: np.ndarray, hashes: list[str]) -> list[int]:
-        """Add one vector per new content hash; returns their labels."""
+    def add_vectors(self, vectors: np.ndarray, hashes: list[str],
+                    edge_vectors: np.ndarray | None = None) -> list[int]:
+        """Add one vector per new content hash (and its pseudo-sketch's vector, which an index
+        with an edge gallery needs); returns their labels."""
+        if (edge_vectors is None) != (self.edges is None):
+            raise ValueError("edge vectors go with an edge gallery, and only there")
         vectors = np.ascontiguousarray(vectors, np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim or not np.isfinite(vectors).all():
             raise ValueError(f"vectors of shape {vectors.shape} for an index of dim {self.dim}")
@@ -191,6 +171,8 @@ class GalleryIndex:
         if need > self.hnsw.max_elements:
             self.hnsw.resize_index(max(need, 2 * self.hnsw.max_elements))
         self.hnsw.add_items(vectors, np.asarray(labels, np.int64), replace_deleted=True)
+        if self.edges is not None:
+            self.edges.add(labels, edge_vectors)
         self.next_label += len(labels)
         for label, sha in zip(labels, hashes):
             self.items[label] = sha
@@ -274,6 +256,8 @@ class GalleryIndex:
             if sha is not None and self.by_hash.get(sha) == label:
                 del self.by_hash[sha]
             self.hnsw.mark_deleted(label)
+            if self.edges is not None:
+                self.edges.drop(label)
 
     def deleted_labels(self) -> list[int]:
         """Labels still in hnswlib's storage but marked deleted (slots reused by later adds)."""
@@ -381,6 +365,7 @@ class GalleryIndex:
             "items": {str(label): {"sha256": sha} for label, sha in sorted(self.items.items())},
             "files": [dict(sorted(f.items())) for f in files],
             "skipped": [dict(sorted(f.items())) for f in skipped],
+            **({"edges": self.edges.meta()} if self.edges is not None else {}),
         }
 
     def save(self, index_dir: str | Path) -> str:
@@ -388,9 +373,13 @@ class GalleryIndex:
         A graph with more than MAX_DELETED_SHARE deleted slots is rebuilt first."""
         if self.deleted_share() > MAX_DELETED_SHARE:
             self.compact()
-        name, meta = store.commit(
-            index_dir, meta=self.meta(), after=self.generation,
-            write_files=lambda tmp: self.hnsw.save_index(str(tmp / store.INDEX_FILE)))
+        def write_files(tmp: Path) -> None:
+            self.hnsw.save_index(str(tmp / store.INDEX_FILE))
+            if self.edges is not None:
+                self.edges.write(tmp, set(self.items))
+
+        name, meta = store.commit(index_dir, meta=self.meta(), after=self.generation,
+                                  write_files=write_files)
         self.generation, self.updated = meta["generation"], meta["updated"]
         self.format_version = meta["format_version"]
         self.unsaved = 0

@@ -17,10 +17,14 @@ import json
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
-from stbir_infer.contract import HNSW_SPACE
-from stbir_infer.errors import IndexFormatError
+import numpy as np
+
+from stbir_infer.contract import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, HNSW_SPACE
+from stbir_infer.edge_gallery import check_meta as check_edges
+from stbir_infer.errors import IndexFormatError, ParameterError
 
 INDEX_FORMAT = "stbir-index"
 INDEX_FORMAT_VERSION = 3
@@ -33,6 +37,36 @@ MAX_DIM = 65536
 MAX_LABEL = 2**62  # labels are int64 on the way into hnswlib
 MAX_GENERATION = 10**11  # gen-N names hold up to 12 digits; leave room for many commits
 MAX_EF = 100_000
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    """HNSW build/search settings. M and ef_construction are fixed when an index is created;
+    ef_search is a query-time setting (raised to top_k when a query asks for more)."""
+
+    M: int = HNSW_M
+    ef_construction: int = HNSW_EF_CONSTRUCTION
+    ef_search: int = HNSW_EF_SEARCH
+
+    def __post_init__(self):
+        for name, lo in (("M", 2), ("ef_construction", 1), ("ef_search", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ParameterError(f"HNSW {name} must be an integer >= {lo}, not {v!r}")
+        if self.M > 512 or max(self.ef_construction, self.ef_search) > MAX_EF:
+            raise ParameterError(f"HNSW M must be <= 512 and ef <= {MAX_EF}")
+
+    @classmethod
+    def with_defaults(cls, M=None, ef_construction=None, ef_search=None) -> HnswParams:
+        """The contract defaults, overridden where a value is given (None: the default)."""
+        d = cls()
+        return cls(M=d.M if M is None else M,
+                   ef_construction=d.ef_construction if ef_construction is None else ef_construction,
+                   ef_search=d.ef_search if ef_search is None else ef_search)
+
+    def to_dict(self) -> dict:
+        return {"M": int(self.M), "ef_construction": int(self.ef_construction),
+                "ef_search": int(self.ef_search)}
 
 
 class _Bad(Exception):
@@ -216,6 +250,11 @@ def _check(meta: dict, generation: int | None) -> None:
             _check_skipped_record(rec)
     if meta.get("index_bytes") is not None:
         _int(meta["index_bytes"], "index_bytes", 0, 2**63 - 1)
+    if meta.get("edges") is not None:  # the edge gallery (edges.npy is checked when it loads)
+        try:
+            check_edges(meta["edges"])
+        except ValueError as exc:
+            raise _Bad(str(exc)) from None
 
 
 def validate(meta: dict, meta_path, generation: int | None = None) -> None:
@@ -227,5 +266,5 @@ def validate(meta: dict, meta_path, generation: int | None = None) -> None:
         raise IndexFormatError(f"{meta_path}: bad metadata: {exc}") from None
 
 
-__all__ = ["INDEX_FORMAT", "INDEX_FORMAT_VERSION", "MAX_DIM", "MAX_EF", "MAX_GENERATION",
+__all__ = ["HnswParams", "INDEX_FORMAT", "INDEX_FORMAT_VERSION", "MAX_DIM", "MAX_EF", "MAX_GENERATION",
            "META_FILE", "READABLE_VERSIONS", "read_meta", "validate"]

@@ -245,7 +245,9 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
     generation with the same ids, files and tags; the index then belongs to that export. The old
     generation stays live until the new one is complete. Contents whose files are all gone or
     changed leave the index (``dropped``; enroll adds changed files back). An export of another
-    embedding size is a ModelMismatchError and nothing is written."""
+    embedding size is a ModelMismatchError and nothing is written. An edge gallery is drawn and
+    encoded again too (the sketch tower changed with the export)."""
+    from stbir_infer import edge_gallery
     from stbir_infer import enroll_pipeline as pipe
     from stbir_infer.encoders import Encoders
 
@@ -259,26 +261,33 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
         if threads:
             graph.set_num_threads(int(threads))
         dropped: list[int] = []
+        edges = None if idx.edges is None else edge_gallery.EdgeVectors(idx.dim)
+        sketch_spec = None if edges is None else encoders.spec("sketch")
         # enroll's decode pipeline: (content, its files) pairs, decoded ahead on worker threads
         batches = ([(idx.items[label], [_File(p) for p in idx.paths.get(label, [])])
                     for label in labels[s:s + batch_size]]
                    for s in range(0, len(labels), batch_size))
         for batch, outcomes in pipe.decoded_batches(batches, encoders.spec("image"), pipe.Stages(),
-                                                    workers=pipe.default_workers(threads)):
+                                                    workers=pipe.default_workers(threads),
+                                                    sketch_spec=sketch_spec):
             ready = []
-            for (sha, _), (pixels, _) in zip(batch, outcomes):
+            for (sha, _), (pixels, _, sketch) in zip(batch, outcomes):
                 if isinstance(pixels, np.ndarray):
-                    ready.append((idx.by_hash[sha], pixels))
+                    ready.append((idx.by_hash[sha], pixels, sketch))
                 else:  # every file of it gone, changed or undecodable
                     dropped.append(idx.by_hash[sha])
             if not ready:
                 continue
-            vectors, bad = pipe.encode(encoders, np.stack([px for _, px in ready]))
+            vectors, bad = pipe.encode(encoders, np.stack([px for _, px, _ in ready]))
             dropped += [ready[r][0] for r in bad]
             bad = set(bad)
             good = [i for i in range(len(ready)) if i not in bad]
             graph.add_items(vectors[good], np.asarray([ready[i][0] for i in good], np.int64))
+            if edges is not None and good:
+                edges.add([ready[i][0] for i in good],
+                          edge_gallery.encode(encoders, [ready[i][2] for i in good]))
             report.encoded += len(good)
+        idx.edges = edges  # dropped labels have none: remove_file below finds nothing to drop
         for label in dropped:  # out of the old graph's records before the new graph replaces it
             for path in list(idx.paths.get(label, [])):
                 idx.remove_file(path)

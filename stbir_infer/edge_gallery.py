@@ -1,0 +1,163 @@
+"""The edge gallery: each enrolled photo's pseudo-sketch, as a sketch-tower vector beside its photo
+vector, so that a hand-drawn query is also compared with a line drawing (issue 27).
+
+At enroll, ``stbir_infer.edges.gallery_sketch`` draws the photo's edges (Canny, no jitter) and the
+sketch tower encodes the drawing. A sketch-only query then scores every candidate photo as
+
+    (1 - w) * cos(sketch, photo vector) + w * cos(sketch, edge vector)
+
+with ``w`` the edge weight (``DEFAULT_WEIGHT``, or ``Searcher(edge_weight=...)``; 0 turns it off).
+Candidates: hnswlib's top ``CANDIDATES`` by photo vector plus the exact top ``CANDIDATES`` by edge
+vector (one matrix product over the edge vectors, kept in memory), rescored exactly. Text,
+photo and fused queries do not use it.
+
+On disk: ``edges.npy`` in the generation (float32 [N, D], one row per live item in label order,
+its size and sha256 in meta.json's ``checksums`` like index.bin) and ``edges`` in meta.json
+(``{"file": "edges.npy", "method": "canny"}``). An index without them has no edge gallery and
+answers as before. The file is untrusted: loaded with ``allow_pickle=False`` after its checksum,
+and its dtype, shape (the index's items x dim), finiteness and row norms (1, or 0 for a photo the
+sketch tower could not embed) are checked; anything else is one IndexFormatError.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from stbir_infer.edges import METHODS
+from stbir_infer.errors import IndexFormatError, ParameterError
+
+EDGE_FILE = "edges.npy"
+METHOD = "canny"
+# 5-fold cross-validation over sketchy-dev25's classes picked 0.? ... see docs/human-sketches.md
+DEFAULT_WEIGHT = 0.5
+# New indexes get an edge gallery unless asked otherwise (benchmarks/human_sketches.py: it wins on
+# human sketches for the real-photo model; enroll --no-edge-gallery saves its cost).
+DEFAULT_ON = False
+CANDIDATES = 100
+_NORM_TOLERANCE = 1e-3
+
+
+def check_weight(weight) -> float:
+    """The edge weight in [0, 1] (None: DEFAULT_WEIGHT)."""
+    if weight is None:
+        return DEFAULT_WEIGHT
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not math.isfinite(weight) or not 0 <= weight <= 1:
+        raise ParameterError(f"edge weight must be a number in [0, 1], not {weight!r}")
+    return float(weight)
+
+
+def check_meta(value) -> None:
+    """meta.json's ``edges`` (``index_meta`` calls this; ValueError names what is wrong)."""
+    if not isinstance(value, dict) or set(value) != {"file", "method"}:
+        raise ValueError("edges must hold exactly file and method")
+    if value["file"] != EDGE_FILE or value["method"] not in METHODS:
+        raise ValueError(f"edges must name {EDGE_FILE} and a method of {', '.join(METHODS)}")
+
+
+class EdgeVectors:
+    """label -> the sketch-tower vector of that photo's pseudo-sketch (float32 [D])."""
+
+    def __init__(self, dim: int, rows: dict[int, np.ndarray] | None = None, method: str = METHOD):
+        self.dim, self.method = int(dim), method
+        self.rows: dict[int, np.ndarray] = dict(rows or {})
+        self._matrix: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, labels, vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.shape != (len(labels), self.dim):
+            raise ValueError(f"edge vectors of shape {vectors.shape} for {len(labels)} labels")
+        self.rows.update((int(label), v) for label, v in zip(labels, vectors))
+        self._matrix = None
+
+    def drop(self, label: int) -> None:
+        if self.rows.pop(int(label), None) is not None:
+            self._matrix = None
+
+    def matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """(labels int64 [N] ascending, vectors float32 [N, D]), cached until the next edit."""
+        if self._matrix is None:
+            labels = np.fromiter(sorted(self.rows), np.int64, len(self.rows))
+            vecs = (np.stack([self.rows[int(x)] for x in labels]) if len(labels)
+                    else np.zeros((0, self.dim), np.float32))
+            self._matrix = (labels, np.ascontiguousarray(vecs, np.float32))
+        return self._matrix
+
+    def meta(self) -> dict:
+        return {"file": EDGE_FILE, "method": self.method}
+
+    def write(self, folder: Path, live: set[int]) -> None:
+        """edges.npy: one row per live label, in label order (the caller keeps them in step)."""
+        labels, vecs = self.matrix()
+        if set(labels.tolist()) != live:
+            raise ValueError("the edge gallery is out of step with the index's items")
+        with open(folder / EDGE_FILE, "wb") as f:
+            np.save(f, vecs, allow_pickle=False)
+
+    @classmethod
+    def read(cls, path: str, shown_as: Path, meta: dict, dim: int) -> EdgeVectors:
+        """edges.npy (a verified path) for the live items of ``meta``, every value checked."""
+        labels = sorted(int(k) for k in meta.get("items") or {})
+        try:
+            with open(path, "rb") as f:
+                vecs = np.load(f, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise IndexFormatError(f"{shown_as}: not a readable .npy array ({exc})") from None
+        if vecs.dtype != np.dtype("<f4") or vecs.shape != (len(labels), dim):
+            raise IndexFormatError(f"{shown_as}: holds {vecs.dtype} {vecs.shape}, the index needs "
+                                   f"float32 ({len(labels)}, {dim})")
+        norms = np.linalg.norm(vecs, axis=1) if len(vecs) else np.zeros(0)
+        if not np.isfinite(vecs).all() or not (
+                (np.abs(norms - 1) < _NORM_TOLERANCE) | (norms == 0)).all():
+            raise IndexFormatError(f"{shown_as}: rows must be finite unit vectors (or zero)")
+        return cls(dim, dict(zip(labels, vecs)), method=meta["edges"]["method"])
+
+
+def encode(encoders, pixels: list[np.ndarray]) -> np.ndarray:
+    """Sketch-tower vectors of preprocessed pseudo-sketches; a row the tower cannot embed
+    (non-finite) is zero: that photo then scores by its photo vector alone."""
+    from stbir_infer.errors import NonFiniteEmbeddingError
+
+    try:
+        return encoders.encode_pixels("sketch", np.stack(pixels))
+    except NonFiniteEmbeddingError as exc:
+        vecs = np.asarray(exc.vectors, np.float32).copy()
+        vecs[sorted(int(r) for r in exc.rows)] = 0.0
+        return vecs
+
+
+def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float, ef: int,
+           allowed: set[int] | None = None) -> list[tuple[int, float]]:
+    """Top-k (label, score) of a sketch-only query over photo and edge vectors (see the module's
+    docstring); ``query`` is the photo-side query vector, ``sketch`` the sketch's own vector."""
+    labels, vecs = idx.edges.matrix()
+    if allowed is not None:
+        keep = np.isin(labels, np.fromiter(allowed, np.int64, len(allowed)))
+        labels, vecs = labels[keep], vecs[keep]
+    k = min(int(k), len(labels))
+    if k <= 0:
+        return []
+    s = np.asarray(sketch, np.float32).reshape(-1)
+    s = s / max(float(np.linalg.norm(s)), 1e-12)
+    edge_scores = vecs @ s
+    n = min(len(labels), max(k, CANDIDATES))
+    top = np.argpartition(-edge_scores, n - 1)[:n]
+    photo_hits = idx.search(query, n, ef=ef, allowed=allowed)
+    cand = np.union1d(labels[top], np.fromiter((lab for lab, _ in photo_hits), np.int64))
+    photos = np.asarray(idx.hnsw.get_items(cand), np.float32)
+    photos /= np.maximum(np.linalg.norm(photos, axis=1, keepdims=True), 1e-12)
+    q = np.asarray(query, np.float32).reshape(-1)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    scores = (1 - weight) * (photos @ q) + weight * edge_scores[np.searchsorted(labels, cand)]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(int(cand[i]), float(scores[i])) for i in order]
+
+
+__all__ = ["CANDIDATES", "DEFAULT_ON", "DEFAULT_WEIGHT", "EDGE_FILE", "EdgeVectors", "check_meta",
+           "check_weight", "encode", "search"]
