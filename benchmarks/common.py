@@ -16,6 +16,7 @@ interpolation) over the timed repeats, after warm-up calls that are not recorded
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -302,10 +303,8 @@ def finish(name: str, result: dict, out: Path, markdown: str, t_start: float) ->
     """Stamp the end time, store the markdown with the JSON, write it, print the tables."""
     result["markdown"] = markdown
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
-    try:
+    with contextlib.suppress(OSError, KeyError):
         result["machine"]["load_avg_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    except (OSError, KeyError):
-        pass
     path = write_json(out, result)
     print(markdown)
     print(f"\n({name}: {result['seconds_total']} s; wrote {_rel(path)})")

@@ -228,7 +228,7 @@ class Headers(dict):
 def http_requests(rng: random.Random, image: bytes,
                   text: str) -> list[tuple[str, str, dict, bytes]]:
     """The requests built from one case: (method, target, headers, body)."""
-    boundary = "fuzz%08x" % rng.getrandbits(32)
+    boundary = f"fuzz{rng.getrandbits(32):08x}"
     textb = text.encode("utf-8", "surrogatepass")
     disposition = f"--{boundary}\r\nContent-Disposition: form-data; name="
     multipart = (f'{disposition}"sketch"; filename="s"\r\n'

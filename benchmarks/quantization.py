@@ -15,7 +15,8 @@ are fused with the export's weight -- the same protocol as ``stbir-train evaluat
 ``stbir_infer.Encoders`` at each precision. Reported per mode: R@1 / R@5 / R@10 / mAP for fp32 and
 int8, their difference, the cosine of int8 to fp32 vectors, and per tower the export's int8 method
 (static or dynamic) with the batch-1 times it measured. Targets: sketch+text R@10 of int8 within
-1 point (0.01) of fp32; every vector's cosine to its fp32 twin >= 0.995. Without a checkpoint or export, the JSON records the row as skipped.
+1 point (0.01) of fp32; every vector's cosine to its fp32 twin >= 0.995. Without a checkpoint or
+export, the JSON records the row as skipped.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         try:
             run = json.loads((args.results / "run_all.json").read_text())
         except (OSError, ValueError):
-            raise SystemExit(f"{args.results / 'run_all.json'}: no earlier run to summarise")
+            raise SystemExit(f"{args.results / 'run_all.json'}: no earlier run to summarise") from None
     else:
         run = run_jobs(args)
     text = summary(args.results, run)

@@ -12,6 +12,7 @@ the runtime can let a student query an index the teacher enrolled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -238,8 +239,6 @@ def _versions() -> dict:
 
     out = {}
     for pkg in ("torch", "open_clip_torch", "onnx", "onnxsim", "onnxruntime"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out

@@ -66,7 +66,7 @@ def run_cli(prog: str, invoke, known=(), interrupted: str = "interrupted"):
         click.echo(f"{prog}: {interrupted}", err=True)
         return 130, None
     except BrokenPipeError:
-        sys.stdout = open(os.devnull, "w")  # nothing more can reach the reader; say nothing
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process: the reader is gone
         return 1, None
     except Exception as exc:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -108,7 +108,8 @@ def _one_line(exc: BaseException) -> str:
 def _open_regular(path):
     """``path`` opened for reading if it is a regular file: O_NONBLOCK, so a FIFO given as a
     sketch cannot hang a query or a batch, and a device is refused."""
-    f = open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
+    f = open(path, "rb", opener=  # noqa: SIM115 - returned to the caller, who closes it
+             lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0)))
     if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
         f.close()
         raise ImageDecodeError("not a regular file")

@@ -165,10 +165,8 @@ class WriterLock:
         if self._fd is not None:
             import fcntl
 
-            try:
+            with suppress(OSError):
                 os.ftruncate(self._fd, 0)
-            except OSError:
-                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -29,7 +29,8 @@ def main(ctx, config_path, stage, resume):
             raise click.UsageError("--config/--stage/--resume go after the subcommand")
         return
     if not config_path:
-        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, pretrain, distill, evaluate)")
+        raise click.UsageError("--config is required to train (or use a subcommand: synth, manifest, "
+                               "pretrain, distill, evaluate)")
     from stbir_train.config import load_config
     from stbir_train.train import train
 

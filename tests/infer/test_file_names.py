@@ -58,8 +58,8 @@ def test_non_utf8_and_control_names_round_trip_and_print_safely(odd_gallery, exp
     vec = s.encoders.image([raw])[0]
     hit = s.search(vec, top_k=1)[0]
     assert hit.path == raw and hit.score > 0.9999
-    with open(hit.path, "rb") as f:
-        assert f.read() == open(os.path.join(os.fsencode(photos), RAW), "rb").read()
+    with open(hit.path, "rb") as f, open(os.path.join(os.fsencode(photos), RAW), "rb") as g:
+        assert f.read() == g.read()
     d = hit.to_dict()
     assert d["path"] == display(raw) and d["path"].endswith("\\xff\\xfe.png")
     assert base64.b64decode(d["path_bytes_b64"]) == os.fsencode(raw)

@@ -35,7 +35,10 @@ def runtime_tokenizer(open_clip_tokenizer):
     return Tokenizer(default_bpe(), context_length=open_clip_tokenizer.context_length)
 
 
-WORDS = ["a", "red", "star", "made", "of", "wood", "striped", "blue", "circle", "square", "sketch", "photo", "of", "the", "cat", "dog", "triangle", "emerald", "crimson", "golden", "checkered", "dotted", "plain", "heart", "arrow", "crescent", "supercalifragilisticexpialidocious", "antidisestablishmentarianism", "x", "y", "z"]
+WORDS = ["a", "red", "star", "made", "of", "wood", "striped", "blue", "circle", "square", "sketch",
+         "photo", "of", "the", "cat", "dog", "triangle", "emerald", "crimson", "golden", "checkered",
+         "dotted", "plain", "heart", "arrow", "crescent", "supercalifragilisticexpialidocious",
+         "antidisestablishmentarianism", "x", "y", "z"]
 ODD = ["caf\u00e9", "na\u00efve", "r\u00e9sum\u00e9", "e\u0301", "\u00c5ngstr\u00f6m", "stra\u00dfe",
        "\u6f22\u5b57", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8", "\ud55c\uad6d\uc5b4",
        "\u0645\u0631\u062d\u0628\u0627", "\u043f\u0440\u0438\u0432\u0435\u0442", "\u03b1\u03b2\u03b3",

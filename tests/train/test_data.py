@@ -31,7 +31,8 @@ def tree(tmp_path):
             _png(root / cat / f"{split}A" / f"{names[0]}_1.png")
             (root / cat / f"{split}.txt").write_text("".join(f"{n}.png\t{cat} number {n}\n" for n in names))
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"output_dir: {tmp_path / 'out'}\ndata:\n  root: ds\n  categories:\n    shoe: {{}}\n    chair: {{}}\n"
+    cfg.write_text(f"output_dir: {tmp_path / 'out'}\ndata:\n  root: ds\n"
+                   "  categories:\n    shoe: {}\n    chair: {}\n"
                    "  negatives_per_modality: 2\n  virtual_classes: 3\n  val_fraction: 0.25\n")
     return root, cfg
 

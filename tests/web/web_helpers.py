@@ -157,7 +157,7 @@ class FakeSearcher:
     def query(self, sketch=None, text=None, top_k=10):
         self.queries.append((sketch, text, top_k))
         hits = []
-        for rank, (label, paths) in enumerate(sorted(self.gallery.paths.items())[:top_k], 1):
+        for rank, (_label, paths) in enumerate(sorted(self.gallery.paths.items())[:top_k], 1):
             hits.append(Hit(paths[0], 1.0 / rank, rank, tuple(paths[1:])))
         return hits
 
