@@ -33,11 +33,16 @@ from stbir_train.config import CURRICULUM_NOISE_YAML
 from stbir_train.errors import DataError
 
 CATEGORY = "photos"
+RECIPES = (*METHODS, "contour")  # `contour`: stbir_train.strokes, the training-side recipe
 
 
 # -- variants -----------------------------------------------------------------------------------
 
 def sketches_of(photo: Image.Image, method: str, n: int, rng: np.random.Generator) -> list[Image.Image]:
+    if method == "contour":  # long strokes of the salient object (scikit-image: imported on use)
+        from stbir_train.strokes import contour_sketches
+
+        return contour_sketches(photo, n, rng)
     return [render(extract(photo, method, rng), rng) for _ in range(n)]
 
 
@@ -54,8 +59,8 @@ def write_dataset(photos_dir: str | Path, captions: str | Path, out_dir: str | P
     only that many photos (the first in sorted order). ``weights``: a torchvision mobilenet_v2
     state dict for both visual towers; ``text_model``: a Hugging Face sentence encoder folder
     for the text tower (the real-photo recipe, ``real_config_text``)."""
-    if method not in METHODS:
-        raise DataError(f"sketch method {method!r} is not one of {', '.join(METHODS)}")
+    if method not in RECIPES:
+        raise DataError(f"sketch method {method!r} is not one of {', '.join(RECIPES)}")
     pairs = read_csv_pairs(Path(captions), Path(photos_dir))
     by_photo: dict[Path, list[str]] = {}
     for cap, i in zip(pairs.captions, pairs.owner):
