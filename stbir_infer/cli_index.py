@@ -6,6 +6,7 @@
     stbir-infer relocate --index IDX OLD NEW        the gallery moved from OLD to NEW
     stbir-infer reindex --index IDX --model EXPORT  every photo again, with another export
     stbir-infer export-vectors --index IDX OUT      vectors.npy + entries.jsonl + manifest.json
+    stbir-infer duplicates --index IDX [--threshold T]   groups of near-identical photos (lists only)
 """
 
 from __future__ import annotations
@@ -94,6 +95,37 @@ def register(main: click.Group, index_option, model_option) -> None:
 
         m = run(index_dir, out_dir)
         click.echo(f"{m['count']} vectors of {m['dim']} dims -> {display(out_dir)}")
+
+    @main.command()
+    @index_option
+    @click.option("--threshold", type=float, default=None, metavar="T",
+                  help="Cosine at or above which two photos count as copies, 0..1 [default: "
+                       "0.95, measured by benchmarks/duplicates.py].")
+    @click.option("--threads", type=click.IntRange(min=1), default=None,
+                  help="hnswlib threads (default: library's).")
+    @_json_option
+    def duplicates(index_dir, threshold, threads, as_json):
+        """List groups of near-identical photos (edited, resized, re-encoded copies) with a
+        suggested keeper: the most pixels, then the oldest. Lists only; deletes nothing."""
+        from stbir_infer.duplicates import DEFAULT_THRESHOLD, find
+        from stbir_infer.paths import display
+
+        report = find(index_dir, DEFAULT_THRESHOLD if threshold is None else threshold,
+                      threads=threads)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+            return
+        for n, group in enumerate(report.groups, 1):
+            click.echo(f"group {n}: {len(group.members)} photos, score >= {group.score:.3f}")
+            for m in group.members:
+                mark = "keep" if m is group.keeper else "    "
+                what = "missing" if m.missing else (
+                    f"{m.width}x{m.height}, {m.size:,} bytes" if m.width else f"{m.size:,} bytes")
+                click.echo(f"  {mark}  {display(m.path)}  ({what})")
+        photos = sum(len(g.members) for g in report.groups)
+        click.echo(f"{len(report.groups)} group(s), {photos} photos, among {report.photos} in the "
+                   f"index at threshold {report.threshold:g} ({report.seconds:.1f} s); nothing "
+                   "was deleted")
 
 
 __all__ = ["register"]
