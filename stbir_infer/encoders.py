@@ -218,7 +218,7 @@ class Encoders:
         only the tokens up to the batch's last real one are fed: "red" costs 3 positions
         instead of the context length."""
         tok = self.tokenizer
-        ids = tok(texts)
+        ids = tok(texts if isinstance(texts, str) else list(texts))
         enc = self.manifest["encoders"]["text"]
         if isinstance(tok, HFTokenizer):  # mean pooling over the mask: padding never counts
             second = tok.attention_mask(ids)

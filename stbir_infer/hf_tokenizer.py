@@ -65,7 +65,7 @@ class HFTokenizer:
     def from_export(cls, cfg: dict, read) -> HFTokenizer:
         """From export.json's ``tokenizer`` entry; ``read(name)`` returns verified bytes."""
         rel = cfg.get("file", TOKENIZER_FILE)
-        tok = cls(read(rel), context_length=cfg.get("context_length"),
+        tok = cls(read(rel), context_length=cfg.get("context_length"),  # type: ignore[arg-type] # __init__ checks it
                   clean=cfg.get("clean", "whitespace"), pad_token_id=cfg.get("pad_token_id", 0),
                   label=rel)
         if cfg.get("vocab_size") is not None and int(cfg["vocab_size"]) != tok.vocab_size:

@@ -137,7 +137,7 @@ def _check_upper_levels(shown, buf: np.ndarray, h: Header, size: int) -> np.ndar
     for i in range(h.count):
         if pos + 4 > size:
             _fail(shown, f"truncated at element {i}'s link lists")
-        n = _LINK_COUNT.unpack_from(buf, pos)[0]
+        n = _LINK_COUNT.unpack_from(buf, pos)[0]  # type: ignore[arg-type] # an ndarray is a buffer
         pos += 4
         if n:
             if n % per_level or n // per_level > h.maxlevel or pos + n > size:

@@ -280,8 +280,8 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
                 continue
             vectors, bad = pipe.encode(encoders, np.stack([px for _, px, _ in ready]))
             dropped += [ready[r][0] for r in bad]
-            bad = set(bad)
-            good = [i for i in range(len(ready)) if i not in bad]
+            bad_rows = set(bad)
+            good = [i for i in range(len(ready)) if i not in bad_rows]
             graph.add_items(vectors[good], np.asarray([ready[i][0] for i in good], np.int64))
             if edges is not None and good:
                 edges.add([ready[i][0] for i in good],

@@ -171,9 +171,9 @@ def open_image(source: str | Path | Image.Image, channels: int, *,
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{label}: refused, too many pixels ({_one_line(exc)})") from None
     except MemoryError:
-        exc = ImageDecodeError(f"{label}: not enough memory to decode it")
-        exc.transient = True
-        raise exc from None
+        err = ImageDecodeError(f"{label}: not enough memory to decode it")
+        err.transient = True
+        raise err from None
     except Exception as exc:  # PIL raises several types for a bad or truncated file
         raise ImageDecodeError(f"{label}: not a readable image ({_one_line(exc)})") from None
 

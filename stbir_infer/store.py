@@ -199,9 +199,10 @@ def cleanup(index_dir: str | Path, keep: tuple[str | None, ...] = ()) -> None:
     index_dir = Path(index_dir)
     if not keep:
         live = current_generation(index_dir)
-        n_live = gen_number(live) if live else -1
-        older = sorted(n for p in index_dir.iterdir()
-                       if (n := gen_number(p.name)) is not None and n < n_live)
+        live_number = gen_number(live) if live else None
+        n_live = -1 if live_number is None else live_number
+        numbers = (gen_number(p.name) for p in index_dir.iterdir())
+        older = sorted(n for n in numbers if n is not None and n < n_live)
         keep = (live, gen_name(older[-1]) if older else None)
     for p in index_dir.iterdir():
         if _is_temp(p.name):

@@ -82,7 +82,7 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer clean {clean!r} is not one of {', '.join(CLEAN_FNS)}")
         if not context_length or int(context_length) < 2:
             raise TokenizerError(f"tokenizer context_length {context_length!r} is not valid")
-        label = "BPE merges" if isinstance(bpe_path, (bytes, bytearray)) else bpe_path
+        label = "BPE merges" if isinstance(bpe_path, (bytes, bytearray)) else str(bpe_path)
         try:
             if isinstance(bpe_path, (bytes, bytearray)):
                 raw = gzip.decompress(bytes(bpe_path))
@@ -96,7 +96,7 @@ class Tokenizer:
         end = 49152 - 256 - 2 + 1 if num_merges is None else 1 + int(num_merges)
         merges = [tuple(m.split()) for m in lines[1:end]]
         if any(len(m) != 2 for m in merges):
-            raise TokenizerError(f"{bpe_path}: malformed merge lines")
+            raise TokenizerError(f"{label}: malformed merge lines")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         vocab = list(self.byte_encoder.values())
