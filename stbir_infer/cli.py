@@ -92,11 +92,15 @@ def main():
                    "(by default they are skipped and listed).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE",
               help="Tag every photo of the folder (repeatable); query --where KEY=VALUE filters.")
+@click.option("--edge-gallery/--no-edge-gallery", default=None,
+              help="A new index also stores each photo's pseudo-sketch vector, which sketch "
+                   "queries score against too (docs/human-sketches.md) [default: off]; an "
+                   "existing index keeps what it has.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON (with seconds per phase in \"timings\").")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no list of skipped files.")
 def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_search, threads,
-           int8, provider, follow_external_links, tags, as_json, quiet):
+           int8, provider, follow_external_links, tags, edge_gallery, as_json, quiet):
     """Add a photo folder to the index, or refresh it (only new or changed files are encoded)."""
     from stbir_infer.paths import display
     from stbir_infer.searcher import Searcher
@@ -106,7 +110,8 @@ def enroll(images_dir, model_dir, index_dir, batch_size, M, ef_construction, ef_
                         provider=provider)
     show_bar = not quiet and not as_json and sys.stderr.isatty()
     report = searcher.enroll(images_dir, batch_size=batch_size, progress=show_bar,
-                             follow_external_links=follow_external_links, tags=tags)
+                             follow_external_links=follow_external_links, tags=tags,
+                             edge_gallery=edge_gallery)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

@@ -17,6 +17,9 @@ from PIL import Image, ImageFilter
 
 METHODS = ("canny", "xdog")
 WORK_SIZE = 256  # long side the extraction runs at (photos are scaled to it, up or down)
+# Pen width of a drawing at WORK_SIZE: the page's canvas (512 px, brush 6) draws the same share
+# of the side (tests/web/test_canvas.py checks what the server receives).
+STROKE_WIDTH = 3
 
 
 # -- filters ----------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ def extract(photo: Image.Image, method: str, rng: np.random.Generator | None = N
 def render(strokes: np.ndarray, rng: np.random.Generator | None, jitter: bool = True) -> Image.Image:
     """Stroke map -> a black-on-white L drawing. With ``jitter`` (training variants) the strokes
     are warped, patches dropped, width and ink drawn from ``rng``; without, the drawing is fixed
-    (3-px strokes at WORK_SIZE, softened, black) and ``rng`` is not used."""
+    (STROKE_WIDTH-px strokes at WORK_SIZE, softened, black) and ``rng`` is not used."""
     h, w = strokes.shape
     ys, xs = np.nonzero(strokes)
     if jitter and ys.size:
@@ -150,7 +153,7 @@ def render(strokes: np.ndarray, rng: np.random.Generator | None, jitter: bool = 
     ink[ys, xs] = True
     ink &= sum(x.astype(np.int8) for x in shifts(ink)) >= 1  # isolated specks go
     img = Image.fromarray(np.where(ink, 0, 255).astype(np.uint8), "L")
-    img = img.filter(ImageFilter.MinFilter(3))  # 3-px strokes at WORK_SIZE, crisp or softened
+    img = img.filter(ImageFilter.MinFilter(STROKE_WIDTH))  # crisp or softened (below)
     if not jitter or int(rng.integers(2, 4)) == 2:  # (half the variants)
         img = img.filter(ImageFilter.GaussianBlur(0.6))
     tone = int(rng.integers(0, 70)) if jitter else 0
@@ -164,5 +167,5 @@ def gallery_sketch(photo: Image.Image, method: str = "canny") -> Image.Image:
     return render(extract(photo, method), None, jitter=False)
 
 
-__all__ = ["METHODS", "WORK_SIZE", "canny", "dilate", "extract", "gallery_sketch", "gauss",
-           "render", "shifts", "thin", "xdog"]
+__all__ = ["METHODS", "STROKE_WIDTH", "WORK_SIZE", "canny", "dilate", "extract", "gallery_sketch",
+           "gauss", "render", "shifts", "thin", "xdog"]

@@ -1,0 +1,180 @@
+"""The edge gallery (issue 27): enroll stores each photo's pseudo-sketch vector beside its photo
+vector, a sketch-only query scores against both, an index without them answers as before, and a
+tampered edges.npy is one clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+from infer_helpers import make_photos, make_sketch, one_error_line, run_cli
+from PIL import Image
+
+from stbir_infer.edge_gallery import EDGE_FILE
+from stbir_infer.edges import gallery_sketch
+from stbir_infer.errors import IndexFormatError, ParameterError
+from stbir_infer.gallery import GalleryIndex
+from stbir_infer.searcher import Searcher
+
+NAMES = ["a.png", "b.png", "c.png", "d.png", "e.png"]
+
+
+@pytest.fixture()
+def photos(tmp_path):
+    items = make_photos(tmp_path / "photos", NAMES)
+    return tmp_path / "photos", items
+
+
+def _live(idx_dir):
+    return idx_dir / (idx_dir / "CURRENT").read_text().strip()
+
+
+def _by_name(hits):
+    return {h.path.rsplit("/", 1)[-1]: h.score for h in hits}
+
+
+def test_enroll_stores_the_pseudo_sketch_vectors_and_sketch_queries_use_them(export_dir, photos,
+                                                                            tmp_path):
+    folder, items = photos
+    s = Searcher(export_dir, tmp_path / "idx", threads=1)
+    s.enroll(folder, edge_gallery=True)
+    idx = s.current_index()
+    assert idx.edges is not None and s.info()["edge_gallery"] is True
+    meta = json.loads((_live(tmp_path / "idx") / "meta.json").read_text())
+    assert meta["edges"] == {"file": EDGE_FILE, "method": "canny"}
+    assert EDGE_FILE in meta["checksums"]
+
+    # each stored row is the sketch tower's vector of that photo's gallery_sketch
+    labels, vecs = idx.edges.matrix()
+    assert vecs.shape == (len(NAMES), s.encoders.embed_dim)
+    label_b = idx.files[str((folder / "b.png").resolve())]["label"]
+    want = s.encoders.sketch([gallery_sketch(Image.open(folder / "b.png").convert("RGB"))])[0]
+    assert np.allclose(vecs[list(labels).index(label_b)], want, atol=1e-5)
+
+    # a sketch-only query scores (1 - w) * photo + w * edge, exactly
+    sketch = make_sketch(tmp_path / "q.png", items["c.png"])
+    q = s.encoders.sketch([str(sketch)])[0]
+    photo_vecs = np.asarray(idx.hnsw.get_items(labels), np.float32)
+    photo_vecs /= np.linalg.norm(photo_vecs, axis=1, keepdims=True)
+    w = s.edge_weight
+    want = {label: (1 - w) * float(p @ q) + w * float(e @ q)
+            for label, p, e in zip(labels, photo_vecs, vecs)}
+    hits = s.query(sketch=str(sketch), top_k=len(NAMES))
+    got = {idx.files[h.path]["label"]: h.score for h in hits}
+    assert got.keys() == want.keys()
+    assert all(abs(got[k] - want[k]) < 1e-4 for k in want)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+    # all weight on the edge gallery: a photo's own pseudo-sketch finds that photo first
+    edge_only = Searcher(export_dir, tmp_path / "idx", threads=1, edge_weight=1.0)
+    own = gallery_sketch(Image.open(folder / "d.png").convert("RGB"))
+    top = edge_only.query(sketch=own, top_k=1)[0]
+    assert top.path.endswith("d.png") and top.score == pytest.approx(1.0, abs=1e-4)
+
+    # weight 0, text and sketch+text queries: exactly the photo vectors, as without the gallery
+    plain = Searcher(export_dir, tmp_path / "plain", threads=1)
+    plain.enroll(folder, edge_gallery=False)
+    off = Searcher(export_dir, tmp_path / "idx", threads=1, edge_weight=0.0)
+    for kw in ({"sketch": str(sketch)}, {"text": "a red star"},
+               {"sketch": str(sketch), "text": "a red star"}):
+        base = _by_name(plain.query(**kw, top_k=5))
+        other = off if "text" not in kw else s
+        assert _by_name(other.query(**kw, top_k=5)) == pytest.approx(base, abs=1e-5)
+    batch = s.query_many([{"sketch": str(sketch), "top_k": 5}])[0]
+    assert _by_name(batch) == pytest.approx(_by_name(hits), abs=1e-5)
+
+
+def test_edges_follow_remove_enroll_and_reindex(export_dir, photos, tmp_path):
+    folder, _ = photos
+    idx_dir = tmp_path / "idx"
+    s = Searcher(export_dir, idx_dir, threads=1)
+    s.enroll(folder, edge_gallery=True)
+    s.remove([folder / "a.png"], yes=True)
+    idx = GalleryIndex.load(idx_dir)
+    assert len(idx.edges) == len(idx.items) == len(NAMES) - 1
+    make_photos(folder / "more", ["x.png"], seed=3)
+    s.enroll(folder)  # an existing index keeps its edge gallery
+    idx = GalleryIndex.load(idx_dir)
+    assert len(idx.edges) == len(idx.items) == len(NAMES)
+    before = idx.edges.matrix()[1].copy()
+    assert run_cli("reindex", "--index", idx_dir, "--model", export_dir).exit_code == 0
+    after = GalleryIndex.load(idx_dir).edges.matrix()[1]
+    assert after.shape == before.shape and np.allclose(after, before, atol=1e-5)
+
+
+def test_an_index_without_edge_vectors_keeps_working(export_dir, photos, tmp_path):
+    folder, items = photos
+    s = Searcher(export_dir, tmp_path / "idx", threads=1, edge_weight=0.7)
+    s.enroll(folder)  # the default
+    gen = _live(tmp_path / "idx")
+    assert not (gen / EDGE_FILE).exists() and "edges" not in json.loads((gen / "meta.json").read_text())
+    assert s.current_index().edges is None and s.info()["edge_gallery"] is False
+    sketch = make_sketch(tmp_path / "q.png", items["a.png"])
+    hits = s.query(sketch=str(sketch), top_k=3)
+    direct = s.current_index().search(s.encoders.sketch([str(sketch)])[0], 3)
+    assert [round(h.score, 5) for h in hits] == [round(sc, 5) for _, sc in direct]
+    with pytest.raises(ParameterError, match="without an edge gallery"):
+        s.enroll(folder, edge_gallery=True)
+    with pytest.raises(ParameterError, match="edge weight"):
+        Searcher(export_dir, tmp_path / "idx", edge_weight=1.5)
+
+
+def _tamper(idx_dir, data: bytes | None = None, edges_meta=None) -> None:
+    """Rewrite edges.npy (and/or meta.json's ``edges``) with the checksum recomputed, as someone
+    who can write the index dir would."""
+    gen = _live(idx_dir)
+    meta = json.loads((gen / "meta.json").read_text())
+    if data is not None:
+        (gen / EDGE_FILE).write_bytes(data)
+        meta["checksums"][EDGE_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if edges_meta is not None:
+        meta["edges"] = edges_meta
+    (gen / "meta.json").write_text(json.dumps(meta))
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["nan", "shape", "dtype", "norm", "pickle", "garbage", "meta"])
+def test_a_tampered_edge_array_is_one_clear_error(export_dir, photos, tmp_path, case):
+    folder, items = photos
+    idx_dir = tmp_path / "idx"
+    Searcher(export_dir, idx_dir, threads=1).enroll(folder, edge_gallery=True)
+    good = np.load(_live(idx_dir) / EDGE_FILE)
+    bad = {"nan": lambda: np.where(np.arange(good.size).reshape(good.shape) == 3, np.nan, good)
+                              .astype(np.float32),
+           "shape": lambda: good[:-1],
+           "dtype": lambda: good.astype(np.float64),
+           "norm": lambda: good * 3,
+           "pickle": lambda: np.array([{"x": 1}] * len(good), dtype=object)}
+    if case == "garbage":
+        _tamper(idx_dir, b"\x93NUMPY not really")
+    elif case == "meta":
+        _tamper(idx_dir, edges_meta={"file": "../../etc/passwd", "method": "canny"})
+    else:
+        _tamper(idx_dir, _npy(bad[case]()))
+    with pytest.raises(IndexFormatError, match="edges"):
+        GalleryIndex.load(idx_dir)
+    sketch = make_sketch(tmp_path / "q.png", items["a.png"])
+    r = run_cli("query", "--model", export_dir, "--index", idx_dir, "--sketch", sketch)
+    assert r.exit_code == 2 and one_error_line(r.stderr) and "edges" in r.stderr
+    assert "Traceback" not in r.output + r.stderr
+
+
+def test_the_cli_chooses_the_edge_gallery_when_the_index_is_created(export_dir, photos, tmp_path):
+    folder, _ = photos
+    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "e",
+                "--edge-gallery", "-q")
+    assert r.exit_code == 0, r.output
+    assert (_live(tmp_path / "e") / EDGE_FILE).is_file()
+    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "p", "-q")
+    assert r.exit_code == 0 and not (_live(tmp_path / "p") / EDGE_FILE).exists()
+    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "p",
+                "--edge-gallery")
+    assert r.exit_code == 2 and one_error_line(r.stderr) and "edge gallery" in r.stderr
