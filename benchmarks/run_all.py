@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-ORDER = ("encoders", "quantization", "sessions", "index", "query", "enroll", "server_load")
+ORDER = ("encoders", "quantization", "sessions", "index", "query", "enroll", "server_load",
+         "human_sketches")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -103,7 +104,25 @@ def jobs(args, tmp: Path) -> list[tuple[str, str, list[str]]]:
                            if "encoders" in args.only else ["--preset", "seed"])))
     if "server_load" in args.only:  # 8 clients, 2,000 sketch+text queries; stops by itself
         out.append(("server_load", "server_load", []))
+    if "human_sketches" in args.only:  # sketchy-dev25 on the real-photo model (`make real`)
+        if why := human_sketches_missing():
+            print(f"human_sketches: skipped: {why}", flush=True)
+        else:
+            out.append(("human_sketches", "human_sketches", ["--export", str(REAL_EXPORT)]))
     return out
+
+
+REAL_EXPORT = common.REPO / "runs" / "real8k" / "export"
+SKETCHY = common.REPO.parent / "shared" / "data" / "sketchy-dev25"
+
+
+def human_sketches_missing() -> str | None:
+    """Why the human-sketch benchmark cannot run here (None: it can)."""
+    if not (SKETCHY / "photo").is_dir():
+        return f"{SKETCHY} (the sketchy-dev25 data set) is absent"
+    if not (REAL_EXPORT / "export.json").is_file():
+        return f"{REAL_EXPORT} is absent (the real-photo model: `make real`)"
+    return None
 
 
 def run_jobs(args) -> dict:
