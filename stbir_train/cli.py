@@ -132,6 +132,16 @@ def pretrain(config_path, resume):
                f"held-out R@k: {summary['results']}")
 
 
+@main.command("sketch-tune")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def sketch_tune(config_path):
+    """Fine-tune a checkpoint's sketch tower: pseudo-sketches towards their photo and its edge
+    drawing, optionally mixed with real sketch/photo pairs (stbir_train.sketch_tune)."""
+    from stbir_train.sketch_tune import load_tune_config, tune
+
+    tune(load_tune_config(config_path), log=click.echo)
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--resume", type=click.Path(dir_okay=False), help="Continue from this run's last.pt.")

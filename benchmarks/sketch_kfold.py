@@ -1,0 +1,156 @@
+"""Sketch-tower fine-tuning measured on human sketches, with k-fold real-sketch mixing.
+
+    python benchmarks/sketch_kfold.py ../shared/data/sketchy-dev25 \
+        --checkpoint runs/real8k/data/runs/checkpoints/best.pt \
+        --data canny=runs/real8k/data/photos --data contour=runs/real8k-v2/data/photos \
+        [--steps 40] [--limit 1000] [--folds 5] [--weight 0.25]
+
+Every sketchy-dev25 sketch (625) queries a gallery of its 119 photos, scored in torch (the
+towers the export converts): against the image vectors (``image``), the sketch tower's vectors
+of the photos' edge-gallery drawings (``edge``, ``stbir_infer.edges.gallery_sketch``) and their
+mean (``image+edge``); ``text`` ("a photo of a <class>") and ``sketch+text`` (the unit mean of
+the two vectors at the checkpoint's validated sketch weight, against the image vectors). Instance
+R@1/5/10 (the photo the sketch was drawn from), class P@1 and mAP (any photo of its class).
+
+Rows: the checkpoint as it is; ``stbir-train sketch-tune`` (``stbir_train.sketch_tune``) on each
+``--data`` folder's pseudo-sketches only (zero-shot: no sketchy-dev25 sketch seen); and with the
+last ``--data`` plus real pairs (``real_sketches``) in a k-fold over the 25 classes: train on
+the other classes' pairs, query with the held-out classes' sketches only (all 119 photos stay in
+the gallery), pooled over the folds, so no figure comes from a class it was trained on.
+Writes benchmarks/results/sketch_kfold.json and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import load_model  # noqa: E402
+from stbir_infer.preprocess import open_image, preprocess  # noqa: E402
+from stbir_train.sketch_pairs import read_pairs  # noqa: E402
+from stbir_train.sketch_tune import targets, tune, tune_config  # noqa: E402
+
+MODES = ("image", "edge", "image+edge", "text", "sketch+text")
+
+
+@torch.no_grad()
+def scores(model, pairs, sketch_weight: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per mode, the [sketches, photos] score matrix; and each sketch's photo index."""
+    spec = model.input_specs()["sketch"]
+    image, edge_px = targets(model, pairs)
+    edge = torch.cat([model.encode_sketch(edge_px[i:i + 64]) for i in range(0, len(edge_px), 64)])
+    paths = [(i, s) for i, ss in enumerate(pairs.sketches) for s in ss]
+    owner = np.array([i for i, _ in paths])
+    px = torch.from_numpy(np.stack([preprocess(open_image(s, 1), spec) for _, s in paths]))
+    sk = torch.cat([model.encode_sketch(px[i:i + 64]) for i in range(0, len(px), 64)])
+    names = sorted(set(pairs.classes))
+    text = model.encode_text(model.tokenizer()([f"a photo of a {c.replace('_', ' ')}" for c in names]))
+    t = text[[names.index(pairs.classes[i]) for i in owner]]
+    fused = torch.nn.functional.normalize(sketch_weight * sk + (1 - sketch_weight) * t, dim=-1)
+    si, se = sk @ image.T, sk @ edge.T
+    out = {"image": si, "edge": se, "image+edge": (si + se) / 2, "text": t @ image.T,
+           "sketch+text": fused @ image.T}
+    return {k: v.numpy() for k, v in out.items()}, owner
+
+
+def metrics(sims: np.ndarray, owner: np.ndarray, classes: list[str]) -> dict:
+    own = sims[np.arange(len(owner)), owner]
+    rank = (sims > own[:, None]).sum(1) + 1
+    cls = np.array(classes)
+    hits = np.take_along_axis(cls[None, :] == cls[owner][:, None], np.argsort(-sims, 1), 1)
+    ap = (np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1) * hits).sum(1) / hits.sum(1)
+    return {"instance_R@1": float((rank <= 1).mean()), "instance_R@5": float((rank <= 5).mean()),
+            "instance_R@10": float((rank <= 10).mean()), "class_P@1": float(hits[:, 0].mean()),
+            "class_mAP": float(ap.mean()), "queries": int(len(owner))}
+
+
+def evaluate(ckpt: Path, pairs, keep: set[str] | None = None) -> tuple[dict, np.ndarray]:
+    """Score matrices of every mode for the sketches of classes ``keep`` (all: None)."""
+    model, state = load_model(ckpt)
+    w = float((state.get("fusion_selection") or {}).get("weight", model.spec.fusion_weight))
+    sims, owner = scores(model, pairs, w)
+    mask = np.ones(len(owner), bool) if keep is None else np.isin(np.array(pairs.classes)[owner], list(keep))
+    return {k: v[mask] for k, v in sims.items()}, owner[mask]
+
+
+def row(name: str, sims: dict, owner: np.ndarray, classes: list[str], **extra) -> dict:
+    return {"row": name, **extra, "modes": {m: metrics(sims[m], owner, classes) for m in MODES}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sketchy", type=Path)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--data", action="append", required=True, metavar="NAME=FOLDER",
+                    help="a sketchify category folder (trainA, trainB) per recipe; repeatable")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--edge", type=float, default=0.5, help="loss weight of sketch <-> edge drawing")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--weight", type=float, default=0.25, help="real pairs' share of a batch")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sketch_kfold.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    pairs = read_pairs(args.sketchy)
+    names = sorted(set(pairs.classes))
+    data = dict(item.split("=", 1) for item in args.data)
+    rows = [row("checkpoint as is", *evaluate(args.checkpoint, pairs), pairs.classes)]
+    print(rows[-1]["row"], {k: round(v["instance_R@1"], 3) for k, v in rows[-1]["modes"].items()}, flush=True)
+    base = {"checkpoint": str(args.checkpoint.resolve()), "steps": args.steps, "limit": args.limit,
+            "batch_size": args.batch_size, "lr": args.lr, "loss": {"image": 1.0, "edge": args.edge}}
+    with tempfile.TemporaryDirectory(prefix="sketch_kfold_") as tmp:
+        cache: dict = {}
+        for name, folder in data.items():
+            cfg = tune_config({**base, "data": str(Path(folder).resolve()), "out": f"{tmp}/{name}.pt"})
+            info = tune(cfg, cache=cache)
+            rows.append(row(f"tuned on {name} pseudo-sketches", *evaluate(Path(cfg.out), pairs),
+                            pairs.classes, seconds=info["seconds"]))
+            print(rows[-1]["row"], {k: round(v["instance_R@1"], 3) for k, v in rows[-1]["modes"].items()}, flush=True)
+        folds = np.array_split(np.random.default_rng(0).permutation(names), args.folds)
+        parts, seconds = [], 0.0
+        for k, held in enumerate(folds):
+            held = sorted(held.tolist())
+            real = {"root": str(args.sketchy.resolve()), "weight": args.weight, "exclude": held}
+            cfg = tune_config({**base, "data": str(Path(folder).resolve()), "out": f"{tmp}/fold{k}.pt",
+                               "real_sketches": real})
+            seconds += tune(cfg, cache=cache)["seconds"]
+            parts.append(evaluate(Path(cfg.out), pairs, set(held)))
+            print(f"fold {k + 1}/{args.folds} (held out: {', '.join(held)}) done", flush=True)
+        sims = {m: np.concatenate([p[0][m] for p in parts]) for m in MODES}
+        owner = np.concatenate([p[1] for p in parts])
+        rows.append(row(f"tuned on {name} + real pairs, {args.folds}-fold over classes", sims, owner,
+                        pairs.classes, folds=[sorted(f.tolist()) for f in folds], seconds=round(seconds, 1)))
+    result = {"sketchy": str(args.sketchy), "photos": len(pairs), "classes": len(names),
+              "chance": {"instance_R@1": 1 / len(pairs), "class_P@1": 1 / len(names)},
+              "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+              "command": "python benchmarks/sketch_kfold.py " + " ".join(argv or sys.argv[1:]),
+              "total_seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
+
+
+def table(result: dict) -> str:
+    lines = ["| row | mode | inst R@1 | R@5 | R@10 | class P@1 | class mAP |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for m, v in r["modes"].items():
+            lines.append(f"| {r['row']} | {m} | {v['instance_R@1']:.3f} | {v['instance_R@5']:.3f} | "
+                         f"{v['instance_R@10']:.3f} | {v['class_P@1']:.3f} | {v['class_mAP']:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
