@@ -31,12 +31,13 @@ from stbir_infer.errors import IndexFormatError, ParameterError
 
 EDGE_FILE = "edges.npy"
 METHOD = "canny"
-# 5-fold cross-validation over sketchy-dev25's classes picked 0.? ... see docs/human-sketches.md
-DEFAULT_WEIGHT = 0.5
-# New indexes get an edge gallery unless asked otherwise (benchmarks/human_sketches.py: it wins on
-# human sketches for the real-photo model; enroll --no-edge-gallery saves its cost).
-DEFAULT_ON = False
-CANDIDATES = 100
+# benchmarks/human_sketches.py, the real-photo model: 5-fold cross-validation over sketchy-dev25's
+# classes picked 0.8, 0.9, 0.8, 0.9, 0.8 (each on the other 20 classes); docs/human-sketches.md
+DEFAULT_WEIGHT = 0.8
+# New indexes get an edge gallery unless enroll --no-edge-gallery: on human sketches it doubles
+# the real-photo model's class P@1 (0.102 -> 0.230, held-out weights) for ~25 ms a photo at enroll
+DEFAULT_ON = True
+CANDIDATES = 50
 _NORM_TOLERANCE = 1e-3
 
 
@@ -119,23 +120,34 @@ class EdgeVectors:
         return cls(dim, dict(zip(labels, vecs)), method=meta["edges"]["method"])
 
 
-def encode(encoders, pixels: list[np.ndarray]) -> np.ndarray:
-    """Sketch-tower vectors of preprocessed pseudo-sketches; a row the tower cannot embed
-    (non-finite) is zero: that photo then scores by its photo vector alone."""
+def encode(encoders, pixels: list) -> np.ndarray:
+    """Sketch-tower vectors of preprocessed pseudo-sketches; a row that could not be drawn (None)
+    or that the tower cannot embed (non-finite) is zero: that photo then scores by its photo
+    vector alone."""
     from stbir_infer.errors import NonFiniteEmbeddingError
 
+    out = np.zeros((len(pixels), encoders.embed_dim), np.float32)
+    rows = [i for i, p in enumerate(pixels) if p is not None]
+    if not rows:
+        return out
     try:
-        return encoders.encode_pixels("sketch", np.stack(pixels))
+        out[rows] = encoders.encode_pixels("sketch", np.stack([pixels[i] for i in rows]))
     except NonFiniteEmbeddingError as exc:
         vecs = np.asarray(exc.vectors, np.float32).copy()
         vecs[sorted(int(r) for r in exc.rows)] = 0.0
-        return vecs
+        out[rows] = vecs
+    return out
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float, ef: int,
            allowed: set[int] | None = None) -> list[tuple[int, float]]:
     """Top-k (label, score) of a sketch-only query over photo and edge vectors (see the module's
     docstring); ``query`` is the photo-side query vector, ``sketch`` the sketch's own vector."""
+    query = np.asarray(query, np.float32)
     labels, vecs = idx.edges.matrix()
     if allowed is not None:
         keep = np.isin(labels, np.fromiter(allowed, np.int64, len(allowed)))
@@ -143,18 +155,22 @@ def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float,
     k = min(int(k), len(labels))
     if k <= 0:
         return []
-    s = np.asarray(sketch, np.float32).reshape(-1)
-    s = s / max(float(np.linalg.norm(s)), 1e-12)
-    edge_scores = vecs @ s
+    # einsum, not BLAS: a matrix-vector product gains nothing from BLAS threads, whose wake-up
+    # cost 5-10 ms a query on a busy 2-core machine (benchmarks/edge_gallery.py)
+    edge_scores = np.einsum("nd,d->n", vecs, _unit(np.asarray(sketch, np.float32).reshape(1, -1))[0])
     n = min(len(labels), max(k, CANDIDATES))
     top = np.argpartition(-edge_scores, n - 1)[:n]
-    photo_hits = idx.search(query, n, ef=ef, allowed=allowed)
-    cand = np.union1d(labels[top], np.fromiter((lab for lab, _ in photo_hits), np.int64))
-    photos = np.asarray(idx.hnsw.get_items(cand), np.float32)
-    photos /= np.maximum(np.linalg.norm(photos, axis=1, keepdims=True), 1e-12)
-    q = np.asarray(query, np.float32).reshape(-1)
-    q = q / max(float(np.linalg.norm(q)), 1e-12)
-    scores = (1 - weight) * (photos @ q) + weight * edge_scores[np.searchsorted(labels, cand)]
+    # photo scores: hnswlib's (exact for what it returns); only the edge gallery's candidates it
+    # did not return are read back (hnswlib's get_items costs about 20 us a vector)
+    photo = dict(idx.search(query, n, ef=ef, allowed=allowed))
+    missing = np.setdiff1d(labels[top], np.fromiter(photo, np.int64, len(photo)))
+    if len(missing):
+        got = _unit(np.asarray(idx.hnsw.get_items(missing), np.float32))
+        q = _unit(query.reshape(1, -1))[0]
+        photo.update(zip(missing.tolist(), np.einsum("nd,d->n", got, q).tolist()))
+    cand = np.fromiter(photo, np.int64, len(photo))
+    photo_scores = np.fromiter(photo.values(), np.float64, len(photo))
+    scores = (1 - weight) * photo_scores + weight * edge_scores[np.searchsorted(labels, cand)]
     order = np.argsort(-scores, kind="stable")[:k]
     return [(int(cand[i]), float(scores[i])) for i in order]
 

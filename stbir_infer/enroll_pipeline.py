@@ -121,9 +121,12 @@ def _decode_chunk(chunk: Sequence, spec: dict, sketch_spec: dict | None = None
         t1 = time.perf_counter()
         sketch = None
         if isinstance(img, Image.Image):
-            try:
-                if sketch_spec is not None:
+            if sketch_spec is not None:
+                try:
                     sketch = _pre.load(gallery_sketch(img), sketch_spec)  # as a drawn query
+                except Exception:  # noqa: BLE001  the photo is indexed all the same (a zero row)
+                    sketch = None
+            try:
                 img = _pre.preprocess(img, spec)
             except Exception as exc:  # noqa: BLE001  (e.g. a strip that resizes to nothing)
                 img = exc

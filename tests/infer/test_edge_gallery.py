@@ -108,7 +108,7 @@ def test_edges_follow_remove_enroll_and_reindex(export_dir, photos, tmp_path):
 def test_an_index_without_edge_vectors_keeps_working(export_dir, photos, tmp_path):
     folder, items = photos
     s = Searcher(export_dir, tmp_path / "idx", threads=1, edge_weight=0.7)
-    s.enroll(folder)  # the default
+    s.enroll(folder, edge_gallery=False)  # as every index before issue 27
     gen = _live(tmp_path / "idx")
     assert not (gen / EDGE_FILE).exists() and "edges" not in json.loads((gen / "meta.json").read_text())
     assert s.current_index().edges is None and s.info()["edge_gallery"] is False
@@ -173,8 +173,34 @@ def test_the_cli_chooses_the_edge_gallery_when_the_index_is_created(export_dir, 
                 "--edge-gallery", "-q")
     assert r.exit_code == 0, r.output
     assert (_live(tmp_path / "e") / EDGE_FILE).is_file()
-    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "p", "-q")
+    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "p",
+                "--no-edge-gallery", "-q")
     assert r.exit_code == 0 and not (_live(tmp_path / "p") / EDGE_FILE).exists()
+    r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "d", "-q")
+    assert r.exit_code == 0 and (_live(tmp_path / "d") / EDGE_FILE).is_file()  # on by default
     r = run_cli("enroll", "--images", folder, "--model", export_dir, "--index", tmp_path / "p",
                 "--edge-gallery")
     assert r.exit_code == 2 and one_error_line(r.stderr) and "edge gallery" in r.stderr
+
+
+def test_a_photo_whose_drawing_fails_is_indexed_with_a_zero_edge_row(export_dir, photos, tmp_path,
+                                                                      monkeypatch):
+    from stbir_infer import enroll_pipeline
+
+    folder, _ = photos
+    real = enroll_pipeline.gallery_sketch
+
+    def flaky(img):
+        if img.size == Image.open(folder / "c.png").size and \
+                np.array_equal(np.asarray(img), np.asarray(Image.open(folder / "c.png").convert("RGB"))):
+            raise MemoryError("no room for the drawing")
+        return real(img)
+
+    monkeypatch.setattr(enroll_pipeline, "gallery_sketch", flaky)
+    s = Searcher(export_dir, tmp_path / "idx", threads=1)
+    report = s.enroll(folder, edge_gallery=True)
+    assert report.total == len(NAMES) and not report.skipped_files
+    idx = GalleryIndex.load(tmp_path / "idx")  # a zero row passes the load checks
+    labels, vecs = idx.edges.matrix()
+    zero = [int(lab) for lab, v in zip(labels, vecs) if not v.any()]
+    assert zero == [idx.files[str((folder / "c.png").resolve())]["label"]]
