@@ -100,7 +100,7 @@ def register(main: click.Group, index_option, model_option) -> None:
     @index_option
     @click.option("--threshold", type=float, default=None, metavar="T",
                   help="Cosine at or above which two photos count as copies, 0..1 [default: "
-                       "0.95, measured by benchmarks/duplicates.py].")
+                       "0.92, measured by benchmarks/duplicates.py].")
     @click.option("--threads", type=click.IntRange(min=1), default=None,
                   help="hnswlib threads (default: library's).")
     @_json_option

@@ -27,7 +27,7 @@ from stbir_infer.errors import IndexNotFoundError, QueryError, StbirInferError
 from stbir_infer.gallery import GalleryIndex
 from stbir_infer.paths import display
 
-DEFAULT_THRESHOLD = 0.95  # benchmarks/duplicates.py: see docs/search-features.md
+DEFAULT_THRESHOLD = 0.92  # benchmarks/duplicates.py: precision 0.995, recall 0.967 (docs/search-features.md)
 NEIGHBOURS = 8            # graph neighbours asked per photo (a group larger than this still joins
                           # up through its members' own neighbours)
 CHUNK = 4096
