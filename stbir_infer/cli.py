@@ -94,7 +94,7 @@ def main():
               help="Tag every photo of the folder (repeatable); query --where KEY=VALUE filters.")
 @click.option("--edge-gallery/--no-edge-gallery", default=None,
               help="A new index also stores each photo's pseudo-sketch vector, which sketch "
-                   "queries score against too (docs/human-sketches.md) [default: off]; an "
+                   "queries score against too (docs/human-sketches.md) [default: on]; an "
                    "existing index keeps what it has.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON (with seconds per phase in \"timings\").")

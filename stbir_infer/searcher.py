@@ -78,6 +78,12 @@ def _content_hash(source) -> str:
     return file_sha256(source) if isinstance(source, (str, os.PathLike)) else ""
 
 
+def _sketch_alone(q: QuerySpec) -> bool:
+    """Whether the sketch is the whole query (the edge gallery scores those): no other input, or
+    a text at sketch_weight 1."""
+    return q.mode == "sketch" or (q.mode == "sketch+text" and q.sketch_weight == 1)
+
+
 def _check_positive(name: str, value, error=ParameterError) -> int | None:
     if value is None:
         return None
@@ -266,7 +272,7 @@ class Searcher:
                                                q.sketch_weight, q.image_weight)
                     hits = self._search(idx, vector, q.top_k, q.where,
                                         same=sha if q.has_image else None,
-                                        sketch=sketches.get(i) if q.mode == "sketch" else None)
+                                        sketch=sketches.get(i) if _sketch_alone(q) else None)
                     out[i] = hits if floors[i] is None else [h for h in hits if h.score >= floors[i]]
                 except QueryError as exc:
                     out[i] = exc

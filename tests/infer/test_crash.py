@@ -73,7 +73,7 @@ def test_killed_enroll_leaves_a_loadable_index(export_dir, tmp_path, when):
         calls = {{"encode": 0, "replace": 0}}
         real_encode, real_replace = encoders.Encoders.encode_pixels, os.replace
         def encode(self, branch, px):
-            calls["encode"] += 1
+            calls["encode"] += branch == "image"  # (the edge gallery's sketch batches not counted)
             if when == "mid_encode" and calls["encode"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_encode(self, branch, px)

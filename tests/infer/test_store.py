@@ -29,8 +29,9 @@ def test_a_generation_records_the_sha256_of_its_files(small_index):
     gen = small_index / store.current_generation(small_index)
     meta = json.loads((gen / "meta.json").read_text())
     assert meta["format_version"] == store.INDEX_FORMAT_VERSION == 3
-    assert set(meta["checksums"]) == {"index.bin"}
+    assert set(meta["checksums"]) == {"index.bin", "edges.npy"}  # (the edge gallery: default)
     assert meta["checksums"]["index.bin"] == store._checksum(gen / "index.bin")
+    assert meta["checksums"]["edges.npy"] == store._checksum(gen / "edges.npy")
     assert meta["index_bytes"] == (gen / "index.bin").stat().st_size
 
 
