@@ -7,7 +7,9 @@
 Serves the export and index on a loopback port (the same App and waitress server as
 `stbir-infer serve`), drives Debian's headless chromium through Selenium (as
 tests/web/test_browser.py does): a text query, then an uploaded sketch with a caption. Writes
-OUT/web_text.png and OUT/web_sketch_text.png.
+OUT/web_text.png and OUT/web_sketch_text.png. With ``--more-like-this TEXT`` instead: a text
+query, then "More like this" on its second hit, the min-score slider at ``--min-score``; writes
+OUT/web_more_like_this.png (docs/search-features.md).
 """
 
 from __future__ import annotations
@@ -55,12 +57,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--index", type=Path, required=True)
-    ap.add_argument("--text", required=True, help="the text-only query")
-    ap.add_argument("--sketch", type=Path, required=True, help="a sketch file to upload")
+    ap.add_argument("--text", help="the text-only query")
+    ap.add_argument("--sketch", type=Path, help="a sketch file to upload")
+    ap.add_argument("--more-like-this", metavar="TEXT",
+                    help="only the more-like-this screenshot, starting from this text query")
+    ap.add_argument("--min-score", type=float, default=0.7,
+                    help="the slider's value in the more-like-this screenshot")
     ap.add_argument("--sketch-text", default="", help="the caption typed with the sketch")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     args = ap.parse_args(argv)
+    if not args.more_like_this and (not args.text or not args.sketch):
+        ap.error("give --text and --sketch, or --more-like-this TEXT")
 
     app = App(Searcher(args.model, args.index, threads=2))
     app.warm_up()
@@ -78,7 +86,13 @@ def main(argv=None) -> int:
                            options=options)
     try:
         drv.get(url)
+        if args.more_like_this:
+            _more_like_this(drv, args)
+            return 0
         status = drv.find_element(By.ID, "status")
+        # every hit shown (the slider would hide those below the export's threshold)
+        drv.execute_script("const s = document.getElementById('min-score'); s.value = '0';"
+                           "s.dispatchEvent(new Event('input'));")
         top_k = drv.find_element(By.ID, "top-k")
         top_k.clear()
         top_k.send_keys(str(args.top_k))
@@ -100,13 +114,40 @@ def main(argv=None) -> int:
         drv.quit()
         srv.shutdown()
         shutil.rmtree(profile, ignore_errors=True)
+    _lighten(args.out, "web_text.png", "web_sketch_text.png")
+    return 0
+
+
+def _lighten(folder: Path, *names: str) -> None:
     from PIL import Image
 
-    for name in ("web_text.png", "web_sketch_text.png"):  # a palette keeps the README light
-        path = args.out / name
+    for name in names:  # a palette keeps the README light
+        path = folder / name
         Image.open(path).convert("RGB").quantize(192).save(path, optimize=True)
         print(f"{path} ({path.stat().st_size // 1024} KB)")
-    return 0
+
+
+def _more_like_this(drv, args) -> None:
+    from selenium.webdriver.common.by import By
+
+    status = drv.find_element(By.ID, "status")
+    _wait(lambda: "images" in drv.find_element(By.ID, "gallery-info").text, "the gallery info")
+    top_k = drv.find_element(By.ID, "top-k")
+    top_k.clear()
+    top_k.send_keys(str(args.top_k))
+    drv.find_element(By.ID, "text").send_keys(args.more_like_this)
+    drv.find_element(By.ID, "search").click()
+    _wait(lambda: "by text" in status.text, "the text results")
+    drv.find_elements(By.CSS_SELECTOR, "#results .result .more")[1].click()
+    _wait(lambda: "by photo" in status.text, "the more-like-this results")
+    drv.execute_script("const s = document.getElementById('min-score'); s.value = arguments[0];"
+                       "s.dispatchEvent(new Event('input'));", str(args.min_score))
+    visible = drv.execute_script(
+        "return [...document.querySelectorAll('#results .result')].filter(li => !li.hidden).length;")
+    _settle(drv, visible)
+    args.out.mkdir(parents=True, exist_ok=True)
+    drv.save_screenshot(str(args.out / "web_more_like_this.png"))
+    _lighten(args.out, "web_more_like_this.png")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,15 @@
     text: $("text"), topK: $("top-k"), auto: $("auto"), search: $("search"),
     status: $("status"), results: $("results"), info: $("gallery-info"), hint: $("canvas-hint"),
     wrap: $("canvas-wrap"), weight: $("sketch-weight"), weightOut: $("sketch-weight-value"),
-    minScore: $("min-score"),
+    minScore: $("min-score"), minScoreOut: $("min-score-value"),
+    photo: $("photo"), photoName: $("photo-name"), photoClear: $("photo-clear"),
+    whereFolder: $("where-folder"), whereTag: $("where-tag"),
   };
   let weightTouched = false;   // send sketch_weight only once the slider was moved
+  let example = null;          // the example photo: {file, name} (chosen / dropped) or {like: id, name}
+  let thresholds = {};         // the export's score threshold per query mode (/api/health)
+  let thresholdTouched = false;  // the user moved the min-score slider: keep their value
+  let shown = null;            // the last answer, re-filtered when the slider moves
   const DEBOUNCE_MS = 450;
   const INK = "#111", PAPER = "#fff";
 
@@ -157,7 +163,7 @@
   ui.undo.addEventListener("click", undo);
   ui.clear.addEventListener("click", clearAll);
   document.addEventListener("keydown", (ev) => {
-    const typing = ev.target === ui.text || ev.target === ui.topK;
+    const typing = ev.target.matches("input[type=text], input[type=number]");
     if ((ev.ctrlKey || ev.metaKey) && !ev.shiftKey && ev.key.toLowerCase() === "z" && !typing) {
       ev.preventDefault();
       undo();
@@ -228,7 +234,51 @@
     ui.weightOut.textContent = Number(ui.weight.value).toFixed(2);
     changed();
   });
-  ui.minScore.addEventListener("change", () => changed(true));
+  ui.minScore.addEventListener("input", () => {
+    thresholdTouched = true;
+    applyThreshold();
+  });
+  for (const box of [ui.whereFolder, ui.whereTag]) {
+    box.addEventListener("change", () => changed(true));
+    box.addEventListener("keydown", (ev) => { if (ev.key === "Enter") { ev.preventDefault(); search(); } });
+  }
+
+  // -- an example photo: chosen, dropped outside the canvas, or "more like this" on a result ----
+  function setExample(next) {
+    example = next;
+    ui.photoName.textContent = next ? `like: ${next.name}` : "";
+    ui.photoClear.hidden = !next;
+    if (!next) ui.photo.value = "";
+  }
+  ui.photo.addEventListener("change", () => {
+    if (ui.photo.files[0]) { setExample({ file: ui.photo.files[0], name: ui.photo.files[0].name }); changed(true); }
+  });
+  ui.photoClear.addEventListener("click", () => { setExample(null); changed(true); });
+  document.addEventListener("dragover", (ev) => { if (!ui.wrap.contains(ev.target)) ev.preventDefault(); });
+  document.addEventListener("drop", (ev) => {
+    if (ui.wrap.contains(ev.target) || !ev.dataTransfer.files.length) return;
+    ev.preventDefault();
+    const file = ev.dataTransfer.files[0];
+    setExample({ file, name: file.name });
+    changed(true);
+  });
+
+  function moreLikeThis(r) {
+    // the photo alone is the new query (as in a photo manager's "similar photos")
+    ops.length = 0;
+    ui.text.value = "";
+    ui.uploadName.textContent = "";
+    redraw();
+    setExample({ like: r.id, name: r.name });
+    search();
+  }
+
+  function whereLines() {
+    const lines = [];
+    if (ui.whereFolder.value.trim()) lines.push(`folder=${ui.whereFolder.value.trim()}`);
+    if (ui.whereTag.value.trim()) lines.push(ui.whereTag.value.trim());
+    return lines.join("\n");
+  }
 
   function canvasBlob() {
     return new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
@@ -238,7 +288,7 @@
     clearTimeout(timer);
     const text = ui.text.value.trim();
     const hasSketch = ops.length > 0;
-    if (!hasSketch && !text) {
+    if (!hasSketch && !text && !example) {
       ui.status.textContent = "Draw a sketch, type a few words, or both.";
       ui.status.classList.remove("error");
       ui.results.replaceChildren();
@@ -250,7 +300,10 @@
     if (text) form.append("text", text);
     form.append("top_k", String(topK));
     if (weightTouched) form.append("sketch_weight", ui.weight.value);
-    if (ui.minScore.checked) form.append("min_score", "auto");
+    if (example && example.file) form.append("image", example.file, example.name);
+    if (example && example.like !== undefined) form.append("like", String(example.like));
+    const where = whereLines();
+    if (where) form.append("where", where);
 
     if (inflight) inflight.abort();
     const controller = new AbortController();
@@ -281,15 +334,22 @@
     ui.status.classList.add("error");
   }
 
+  function modeOf(q) {
+    return [q.sketch ? "sketch" : null, q.image || q.like != null ? "image" : null,
+            q.text ? "text" : null].filter(Boolean).join("+");
+  }
+
   function render(data) {
-    const by = [data.query.sketch ? "sketch" : null, data.query.text ? "text" : null].filter(Boolean).join(" + ");
-    const n = data.results.length;
-    ui.status.textContent = data.no_match
-      ? `no match above ${Number(data.query.min_score).toFixed(3)} (by ${by} · ${Math.round(data.took_ms)} ms)`
-      : `${n} result${n === 1 ? "" : "s"} by ${by} · ${Math.round(data.took_ms)} ms`;
+    const mode = modeOf(data.query);
+    if (!thresholdTouched) {  // the export's threshold for this kind of query (none: show all)
+      const t = thresholds[mode];
+      ui.minScore.value = String(typeof t === "number" ? t : 0);
+    }
+    shown = { data, by: mode.replace("image", "photo").split("+").join(" + ") };
     const items = data.results.map((r) => {
       const li = document.createElement("li");
       li.className = "result";
+      li.dataset.score = String(r.score);
       const a = document.createElement("a");
       a.className = "thumb";
       a.title = r.path;
@@ -320,10 +380,44 @@
       score.textContent = r.score.toFixed(3);
       score.title = "cosine similarity";
       meta.append(rank, score);
+      if (r.same_file) {
+        const same = document.createElement("span");
+        same.className = "same";
+        same.textContent = "this photo";
+        meta.append(same);
+      }
       li.append(a, name, meta);
+      if (r.id !== null && r.id !== undefined) {
+        const more = document.createElement("button");
+        more.type = "button";
+        more.className = "more";
+        more.textContent = "More like this";
+        more.setAttribute("aria-label", `More like ${r.name}`);
+        more.addEventListener("click", () => moreLikeThis(r));
+        li.append(more);
+      }
       return li;
     });
     ui.results.replaceChildren(...items);
+    applyThreshold();
+  }
+
+  function applyThreshold() {
+    const min = Number(ui.minScore.value);
+    const off = min <= Number(ui.minScore.min);  // at its left end the slider hides nothing
+    ui.minScoreOut.textContent = off ? "all" : min.toFixed(3);
+    if (!shown) return;
+    let hidden = 0;
+    for (const li of ui.results.children) {
+      li.hidden = !off && Number(li.dataset.score) < min;
+      hidden += li.hidden ? 1 : 0;
+    }
+    const { data, by } = shown;
+    const n = data.results.length;
+    const note = hidden ? ` · ${hidden} hidden below ${min.toFixed(3)}` : "";
+    ui.status.textContent = n && hidden === n
+      ? `no match above ${min.toFixed(3)} (${n} hidden; by ${by} · ${Math.round(data.took_ms)} ms)`
+      : `${n} result${n === 1 ? "" : "s"} by ${by} · ${Math.round(data.took_ms)} ms${note}`;
   }
 
   // -- start ---------------------------------------------------------------------------------------
@@ -337,7 +431,7 @@
       ui.topK.max = String(h.limits.max_top_k);
       ui.text.maxLength = h.limits.max_text;  // the server's rule (query_spec), not a copy of it
       if (typeof h.model.fusion_weight === "number") ui.weight.value = String(h.model.fusion_weight);
-      ui.minScore.disabled = !h.model.score_threshold;
+      thresholds = h.score_thresholds || {};
     } catch (err) {
       ui.info.textContent = `server unreachable: ${err.message}`;
       ui.info.classList.add("error");

@@ -156,6 +156,9 @@ def test_draw_type_search_and_see_results(driver, base_url, tmp_path):
     drv.get(base_url)
     info = drv.find_element(By.ID, "gallery-info")
     _wait(lambda: f"{N_PHOTOS} images" in info.text, what="the gallery info from /api/health")
+    # show every hit (the min-score slider would hide those below the export's threshold)
+    drv.execute_script("const s = document.getElementById('min-score'); s.value = '0';"
+                       "s.dispatchEvent(new Event('input'));")
 
     canvas = drv.find_element(By.ID, "sketch")
     assert _ink_pixels(drv) == 0
