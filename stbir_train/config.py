@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from models.model import STAGE_TARGETS
-from models.spec import PRESETS, ModelSpec
+from models.spec import PRESETS, RENAMED, ModelSpec
 from stbir_infer.contract import BRANCHES
 from stbir_train.distill_spec import DistillSpec
 from stbir_train.errors import ConfigError
@@ -24,13 +24,15 @@ from stbir_train.errors import ConfigError
 @dataclass
 class NoiseSpec:
     """Corruption of one modality: probability and strength ramp linearly from start to max
-    over ``ramp_epochs`` epochs of a stage, then hold."""
+    over the first ``ramp_samples`` training samples of a stage (or, when that is null, its
+    first ``ramp_epochs`` epochs), then hold."""
 
     start_prob: float = 0.0
     max_prob: float = 0.5
     start_strength: float = 0.1
     max_strength: float = 0.6
     ramp_epochs: int = 10
+    ramp_samples: int | None = None
 
 
 @dataclass
@@ -76,10 +78,14 @@ class DataSpec:
 
 @dataclass
 class StageSpec:
+    """One stage's length is ``samples`` (training items it shows, whatever the data's size;
+    rounded up to whole batches) or ``epochs`` (passes over the training set); neither: 1 epoch."""
+
     target: str = "all"
-    epochs: int = 1
+    epochs: int | None = None
     lr: float = 5e-4
     weight_decay: float = 0.05
+    samples: int | None = None
 
 
 @dataclass
@@ -91,6 +97,13 @@ class TrainingSpec:
     device: str = "auto"
     seed: int = 0
     stages: list[StageSpec] = field(default_factory=lambda: [StageSpec(t, 4, 5e-4) for t in BRANCHES])
+    # Validate every this many training samples (and at the end of each stage); null: once an
+    # epoch. best.pt keeps the best validation sketch+text R@1, and a stage that a later stage
+    # follows hands it its best weights, not its last ones.
+    val_every: int | None = None
+    # Early stopping: end a stage after this many validations in a row without a new best of
+    # the stage (0: never).
+    patience: int = 0
     # A sketch stage computes the frozen image and text towers' vectors of every training item
     # once, instead of every step (the photos are then not corrupted by the curriculum in it).
     cache_anchors: bool = False
@@ -126,7 +139,7 @@ class ModelSection:
     sketch_backbone: str | None = None
     sketch_pretrained: str | None = None
     sketch_size: int | None = None
-    fusion_weight: float = 0.5
+    train_sketch_weight: float = 0.5  # the weighted mean training fuses with (was fusion_weight)
     arcface_scale: float = 30.0
     arcface_margin: float = 0.3
     quick_gelu: bool | None = None  # QuickGELU text/image activations (OpenAI-format weights)
@@ -226,6 +239,8 @@ def _build(tp, value, key: str, where: str):
             raise ConfigError(f"{where}: {key} must be a mapping, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.name != "source"}
+        if tp is ModelSection:  # configs written before a rename keep loading
+            value = {RENAMED.get(k, k): v for k, v in value.items()}
         for k in value:
             if k not in names:
                 raise ConfigError(f"{where}: unknown key {key + '.' if key else ''}{k} "
@@ -267,19 +282,29 @@ def _check_values(cfg: Config, where: str) -> None:
 
     if cfg.model.preset not in PRESETS:
         bad("model.preset", f"must be one of {', '.join(PRESETS)}, got {cfg.model.preset!r}")
-    if not 0.0 <= cfg.model.fusion_weight <= 1.0:
-        bad("model.fusion_weight", "must be in [0, 1]")
+    if not 0.0 <= cfg.model.train_sketch_weight <= 1.0:
+        bad("model.train_sketch_weight", "must be in [0, 1]")
     if not cfg.training.stages:
         bad("training.stages", "must list at least one stage")
     for i, st in enumerate(cfg.training.stages):
         if st.target not in STAGE_TARGETS:
             bad(f"training.stages[{i}].target", f"must be one of {', '.join(STAGE_TARGETS)}, got {st.target!r}")
-        if st.epochs < 0:
+        if st.epochs is not None and st.samples is not None:
+            bad(f"training.stages[{i}]", "sets both epochs and samples (give one)")
+        if st.epochs is None and st.samples is None:
+            st.epochs = 1  # what a stage without a length meant before samples existed
+        if st.epochs is not None and st.epochs < 0:
             bad(f"training.stages[{i}].epochs", "must be >= 0")
+        if st.samples is not None and st.samples < 1:
+            bad(f"training.stages[{i}].samples", "must be >= 1")
         if st.lr <= 0:
             bad(f"training.stages[{i}].lr", "must be > 0")
         if st.target == "combiner" and not cfg.model.combiner:
             bad(f"training.stages[{i}].target", "combiner needs model.combiner: true")
+    if cfg.training.val_every is not None and cfg.training.val_every < 1:
+        bad("training.val_every", "must be >= 1 (samples between validations) or null")
+    if cfg.training.patience < 0:
+        bad("training.patience", "must be >= 0 (0: no early stopping)")
     if cfg.training.batch_size < 2:
         bad("training.batch_size", "must be >= 2 (contrastive losses need in-batch negatives)")
     if cfg.training.device not in ("auto", "cpu", "cuda"):
@@ -322,6 +347,8 @@ def _check_values(cfg: Config, where: str) -> None:
         for k in ("start_prob", "max_prob", "start_strength", "max_strength"):
             if not 0.0 <= getattr(spec, k) <= 1.0:
                 bad(f"data.curriculum_noise.{name}.{k}", "must be in [0, 1]")
+        if spec.ramp_samples is not None and spec.ramp_samples < 0:
+            bad(f"data.curriculum_noise.{name}.ramp_samples", "must be >= 0")
 
 
 def config_from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -351,11 +378,10 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(data, str(path.resolve()))
 
 
-# The curriculum every written config starts with (synth and sketchify): noise ramps up over
-# the first 4 epochs of a stage to 30% of items at 0.4 strength.
-CURRICULUM_NOISE_YAML = """\
-  curriculum_noise:
-    enabled: true
-    photo:  {start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}
-    sketch: {start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4, ramp_epochs: 4}
-"""
+def curriculum_noise_yaml(ramp_samples: int) -> str:
+    """The curriculum every written config starts with (synth and sketchify): noise ramps up over
+    the first ``ramp_samples`` training samples of a stage to 30% of items at 0.4 strength."""
+    spec = "start_prob: 0.0, max_prob: 0.3, start_strength: 0.1, max_strength: 0.4"
+    return (f"  curriculum_noise:\n    enabled: true\n"
+            f"    photo:  {{{spec}, ramp_samples: {ramp_samples}}}\n"
+            f"    sketch: {{{spec}, ramp_samples: {ramp_samples}}}\n")

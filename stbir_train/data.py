@@ -58,7 +58,7 @@ class SBIRDataset(Dataset):
         self.neg_tokens = (tokenize([t for r in rows for t in r["negative_texts"]])
                            if negatives else None)
         self._neg_offsets = np.cumsum([0] + [len(r["negative_texts"]) for r in rows])
-        self.stage_index, self.target, self.epoch = 0, "all", 0
+        self.stage_index, self.target, self.epoch, self.seen = 0, "all", 0, 0
         # Per item, the frozen image and text towers' vectors, when a stage computed them once
         # (train.frozen_anchors); the photo is then not decoded at all.
         self.anchors: dict[str, torch.Tensor] | None = None
@@ -66,8 +66,10 @@ class SBIRDataset(Dataset):
             raise DataError("manifest has fewer negatives per row than data.negatives_per_modality; "
                             "rebuild it with `stbir-train manifest`")
 
-    def set_epoch(self, stage_index: int, target: str, epoch: int) -> None:
-        self.stage_index, self.target, self.epoch = stage_index, target, epoch
+    def set_epoch(self, stage_index: int, target: str, epoch: int, seen: int = 0) -> None:
+        """Where the stage is: its epoch (the items' random draws) and the training samples it
+        has shown so far (the curriculum's noise level)."""
+        self.stage_index, self.target, self.epoch, self.seen = stage_index, target, epoch, seen
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,7 +80,7 @@ class SBIRDataset(Dataset):
         spec = self.specs["image" if modality == "photo" else "sketch"]
         img = self.cache.get(rel, spec["channels"])
         if noisy and self.noise is not None:
-            prob, strength = self.noise.params(self.target, self.epoch, modality)
+            prob, strength = self.noise.params(self.target, self.epoch, modality, self.seen)
             if rng.random() < prob:
                 img = (corrupt_photo if modality == "photo" else corrupt_sketch)(img, strength, rng)
         return torch.from_numpy(preprocess(img, spec))

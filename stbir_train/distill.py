@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models import fuse, load_model
+from models import load_model, weighted_mean
 from models.space import embedding_space
 from stbir_infer.contract import BRANCHES, atomic_write, file_sha256
 from stbir_train import train as T
@@ -43,7 +43,7 @@ CACHE_VERSION = 1
 TERMS = tuple(f"distill_{b}" for b in BRANCHES) + ("distill_relational",)
 
 
-def distill(cfg, resume: str | Path | None = None, stop_after_epochs: int | None = None,
+def distill(cfg, resume: str | Path | None = None, stop_after_validations: int | None = None,
             log=print) -> dict:
     """Train ``cfg``'s model towards ``cfg.distill.teacher``; returns train()'s summary plus
     the teacher record and where its embeddings are cached."""
@@ -79,7 +79,7 @@ def distill(cfg, resume: str | Path | None = None, stop_after_epochs: int | None
     run.extra_state = {"distill": {"space": record["space"], "teacher": record}}
     loss_cfg = distill_loss(cfg)
     run.extra_terms = relational_terms(run.model, cfg.distill.temperature)
-    T.run_stages(run, loss_cfg, stop_after_epochs=stop_after_epochs)
+    T.run_stages(run, loss_cfg, stop_after_validations=stop_after_validations)
     return {**run.summary(), "teacher": record, "cache": str(cache_path)}
 
 
@@ -110,10 +110,10 @@ def relational_terms(model, temperature: float):
     student's own and the teacher's."""
     def terms(batch: dict, v: dict) -> dict[str, torch.Tensor]:
         out = {f"distill_{b}": (1 - (v[b] * batch[f"teacher_{b}"]).sum(-1)).mean() for b in BRANCHES}
-        w = float(model.spec.fusion_weight)
+        w = float(model.spec.train_sketch_weight)
         ts, ti, tt = (batch[f"teacher_{b}"] for b in BRANCHES)
         pairs = ((v["sketch"], ts), (v["text"], tt),
-                 (fuse(v["sketch"], v["text"], w), fuse(ts, tt, w)))
+                 (weighted_mean(v["sketch"], v["text"], w), weighted_mean(ts, tt, w)))
         out["distill_relational"] = sum(
             relational_kl(sq @ photos.T, tq @ ti.T, temperature)
             for sq, tq in pairs for photos in (v["image"], ti)) / (2 * len(pairs))
@@ -179,8 +179,8 @@ class WithTeacher(Dataset):
         self.targets = {b: torch.from_numpy(v) for b, v in targets.items()}
         self.offsets = np.cumsum([0] + [len(r["positive_sketches"]) for r in base.rows])
 
-    def set_epoch(self, stage_index: int, target: str, epoch: int) -> None:
-        self.base.set_epoch(stage_index, target, epoch)
+    def set_epoch(self, stage_index: int, target: str, epoch: int, seen: int = 0) -> None:
+        self.base.set_epoch(stage_index, target, epoch, seen)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -99,3 +99,12 @@ def sampler(dataset, procs: Processes, seed: int, epoch_key: int, epoch_seed: in
         s.set_epoch(epoch_key)
         return s
     return RandomSampler(dataset, generator=torch.Generator().manual_seed(epoch_seed))
+
+
+def agree(procs: Processes, value: bool) -> bool:
+    """Rank 0's ``value`` on every process (a decision only rank 0 can make: it validates)."""
+    if procs.world == 1:
+        return value
+    flag = torch.tensor([int(value)], device=procs.device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())

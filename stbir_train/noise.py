@@ -30,13 +30,15 @@ class NoiseSchedule:
         override = self.spec.stages.get(target)
         return self.spec.enabled and (override is None or override.enabled)
 
-    def params(self, target: str, epoch: int, modality: str) -> tuple[float, float]:
+    def params(self, target: str, epoch: int, modality: str, seen: int = 0) -> tuple[float, float]:
         """(probability, strength) for ``modality`` ("photo" or "sketch") at ``epoch`` (0-based,
-        counted within the stage). Linear from start to max over ``ramp_epochs``, then flat."""
+        counted within the stage), after ``seen`` training samples of the stage. Linear from start
+        to max over ``ramp_samples`` (or, when that is null, ``ramp_epochs``), then flat."""
         if not self.enabled(target):
             return 0.0, 0.0
         s = self._modality(target, modality)
-        frac = 1.0 if s.ramp_epochs <= 0 else min(epoch / s.ramp_epochs, 1.0)
+        done, ramp = (seen, s.ramp_samples) if s.ramp_samples is not None else (epoch, s.ramp_epochs)
+        frac = 1.0 if ramp <= 0 else min(done / ramp, 1.0)
         prob = s.start_prob + (s.max_prob - s.start_prob) * frac
         strength = s.start_strength + (s.max_strength - s.start_strength) * frac
         return max(prob, s.start_prob), max(strength, s.start_strength)

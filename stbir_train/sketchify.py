@@ -29,7 +29,7 @@ from PIL import Image
 from stbir_infer.edges import METHODS, canny, extract, render, thin, xdog  # re-exported
 from stbir_infer.preprocess import ImageDecodeError, open_image
 from stbir_train.captions import read_csv_pairs
-from stbir_train.config import CURRICULUM_NOISE_YAML
+from stbir_train.config import curriculum_noise_yaml
 from stbir_train.errors import DataError
 
 CATEGORY = "photos"
@@ -161,7 +161,7 @@ model:
   sketch_pretrained: {w}  # ... and for the sketch tower
   sketch_resize: pad
   image_resize: pad
-  fusion_weight: 0.5
+  train_sketch_weight: 0.5
 data:
   root: .
   categories:
@@ -170,13 +170,16 @@ data:
   negatives_per_modality: 0
   virtual_classes: 16
   manifest_seed: 0
-{CURRICULUM_NOISE_YAML}training:
+{curriculum_noise_yaml(22_784)}training:
   batch_size: 64
   num_workers: 1
   seed: 0
   cache_anchors: true       # their vectors computed once: each step runs the sketch tower only
+  # In training samples, whatever the photo count: 11,392 (178 steps) is 2 epochs of
+  # Flickr8k's 5,700 training items; validation every 5,696 (docs/training-defaults.md).
+  val_every: 5696
   stages:                   # the image and text towers are the sketch stage's anchors
-    - {{target: sketch, epochs: 2, lr: 0.0005, weight_decay: 0.05}}
+    - {{target: sketch, samples: 11392, lr: 0.0005, weight_decay: 0.05}}
 loss:
   temperature: 0.07
   arcface_labels: virtual_class
@@ -206,7 +209,7 @@ model:
   sketch_pretrained: {w}  # ... and for the sketch tower
   sketch_resize: pad        # letterbox, white: a wide sketch keeps its ends (docs/real-photos.md, "Crop or pad")
   image_resize: pad         # letterbox on the normalisation mean (measured better than the crop)
-  fusion_weight: 0.5
+  train_sketch_weight: 0.5
 data:
   root: .
   categories:
@@ -215,12 +218,15 @@ data:
   negatives_per_modality: 0
   virtual_classes: 16
   manifest_seed: 0
-{CURRICULUM_NOISE_YAML}training:
+{curriculum_noise_yaml(21_504)}training:
   batch_size: 64
   num_workers: 1
   seed: 0
+  # In training samples: 80,640 (1,260 steps) is 15 epochs of 6,000 training photos less the
+  # validation tenth; validation every 5,376 (docs/training-defaults.md).
+  val_every: 5376
   stages:
-    - {{target: all, epochs: 15, lr: 0.0003, weight_decay: 0.05}}
+    - {{target: all, samples: 80640, lr: 0.0003, weight_decay: 0.05}}
 loss:
   temperature: 0.07
   arcface_labels: virtual_class

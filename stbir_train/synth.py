@@ -149,7 +149,9 @@ def outline(item: Item, size: int = PHOTO_SIZE) -> np.ndarray:
     return rot * item.scale * size + np.array(item.centre) * size
 
 
-def render_photo(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) -> Image.Image:
+def render_photo(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE,
+                 pts: np.ndarray | None = None) -> Image.Image:
+    """The photo of ``item``; ``pts``: its outline in pixels, when not one of ``SHAPES``."""
     base = np.array(COLOURS[item.colour][0], np.float32) * rng.uniform(0.85, 1.1, 3)
     # Background: a soft two-tone gradient, light enough that every colour stands out.
     tint = rng.uniform(190, 245, 3)
@@ -175,7 +177,8 @@ def render_photo(item: Item, rng: np.random.Generator, size: int = PHOTO_SIZE) -
     fill = np.clip(fill * shade + rng.normal(0, 3, fill.shape), 0, 255)
 
     mask_img = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask_img).polygon([tuple(p) for p in outline(item, size)], fill=255)
+    pts = outline(item, size) if pts is None else pts
+    ImageDraw.Draw(mask_img).polygon([tuple(p) for p in pts], fill=255)
     mask = np.asarray(mask_img.filter(ImageFilter.GaussianBlur(0.6)), np.float32)[..., None] / 255
     # A soft drop shadow gives the object some depth.
     shadow = np.roll(mask, (2, 2), (0, 1)) * 0.25
@@ -277,20 +280,22 @@ def write_dataset(out_dir: str | Path, per_category: int = 500, test_per_categor
     return config_path
 
 
-def default_config_text() -> str:
+def default_config_text(categories=SHAPES) -> str:
     """The config written next to the dataset, paths relative to it: the small preset with the
     schedule and losses that measured best on two CPU cores within the demo's time budget
-    (docs/training.md, "Staged or all at once"). The seed's sketch -> image -> text schedule is commented in."""
-    from stbir_train.config import CURRICULUM_NOISE_YAML
+    (docs/training.md, "Staged or all at once"). The schedule is in training samples, so it is the same
+    length for any dataset size (docs/training-defaults.md). The seed's sketch -> image -> text
+    schedule is commented in."""
+    from stbir_train.config import curriculum_noise_yaml
 
-    cats = "\n".join(f"    {c}: {{}}" for c in SHAPES)
+    cats = "\n".join(f"    {c}: {{}}" for c in categories)
     return f"""\
 # Written by `stbir-train synth`. Relative paths resolve against this file's folder.
 output_dir: runs
 model:
   preset: small          # stbir-small open_clip towers (ModifiedResNet image tower) + resnet18 sketches
   sketch_size: 48        # sketches at 48 px for any preset (small's own: 64, 2/3 less work); null: the preset's
-  fusion_weight: 0.5     # sketch share of a sketch+text query
+  train_sketch_weight: 0.5     # sketch share of a sketch+text query
 data:
   root: .
   categories:
@@ -299,23 +304,29 @@ data:
   negatives_per_modality: 0   # manifest hard negatives per item; 0 = in-batch negatives only
   virtual_classes: 16
   manifest_seed: 0
-{CURRICULUM_NOISE_YAML}training:
+{curriculum_noise_yaml(25_600)}training:
   batch_size: 64
   num_workers: 1
   grad_clip: 1.0
   seed: 0
-  # All branches at once: measured best (docs/training.md, "Staged or all at once"). 3 epochs at lr 1e-3
-  # keep `make demo` within its time on two cores (docs/demo.md, "Why the recipe is this size").
+  # Stage lengths are training samples (what the model sees), not epochs: an epoch of 2,000
+  # photos is a third of one of 6,800 (docs/training-defaults.md). 19,200 samples (300 steps)
+  # at lr 1e-3 is what `make demo`'s 6,800 photos train in its time on two cores; best.pt is
+  # the best of the validations every 6,400 samples.
+  val_every: 6400
+  patience: 0            # > 0: stop a stage after that many validations without a new best
+  # All branches at once: measured best (docs/training.md, "Staged or all at once").
   stages:
-    - {{target: all, epochs: 3, lr: 0.001, weight_decay: 0.05}}
+    - {{target: all, samples: 19200, lr: 0.001, weight_decay: 0.05}}
   # The seed's order needs real anchors: with ImageNet weights in both visual towers (edge
   # preset), a text stage against the locked image tower first, then sketch -> image -> text at
   # these lrs, it comes within 0-6 points of all at once at equal time (docs/training.md, "Staged or all
   # at once"); from random init it does not train:
-  # - {{target: text, epochs: 1, lr: 0.001, weight_decay: 0.05}}
-  # - {{target: sketch, epochs: 1, lr: 0.002, weight_decay: 0.05}}
-  # - {{target: image, epochs: 2, lr: 0.002, weight_decay: 0.05}}
-  # - {{target: text, epochs: 1, lr: 0.001, weight_decay: 0.05}}
+  # (at the demo's 6,800 photos, 6,400 samples are one epoch)
+  # - {{target: text, samples: 6400, lr: 0.001, weight_decay: 0.05}}
+  # - {{target: sketch, samples: 6400, lr: 0.002, weight_decay: 0.05}}
+  # - {{target: image, samples: 12800, lr: 0.002, weight_decay: 0.05}}
+  # - {{target: text, samples: 6400, lr: 0.001, weight_decay: 0.05}}
 loss:
   temperature: 0.07
   triplet_margin: 0.2

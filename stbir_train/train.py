@@ -1,11 +1,15 @@
 """The staged training loop, in reading order: ``train`` is setup, data, build-or-resume, then for
-each stage an optimiser and epochs of (run an epoch, validate and checkpoint).
+each stage an optimiser and segments of steps, each followed (at a validation point) by
+validate and checkpoint.
 
 Stages are data (``training.stages`` in the config): each names the branch that learns
-(``sketch``, ``image``, ``text`` or ``all``) and its own epochs / lr / weight decay. Only rank 0
+(``sketch``, ``image``, ``text`` or ``all``), its length in samples (or epochs) and its lr /
+weight decay. Validation comes every ``training.val_every`` samples (or once an epoch) and at a
+stage's end; ``best.pt`` keeps the best validation sketch+text R@1, a stage can stop early
+(``training.patience``), and a stage that another follows hands on its best weights. Only rank 0
 writes (checkpoints, the JSONL log); under ``torchrun`` every process trains on its shard and
 DistributedDataParallel averages gradients (``stbir_train.distributed``). Without validation rows
-``best.pt`` is the last epoch's weights, and the log says so.
+``best.pt`` is the last weights, and the log says so.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from stbir_train.data import ImageCache, SBIRDataset
 from stbir_train.errors import ConfigError, TrainingError
 from stbir_train.evaluate import evaluate_rows
 from stbir_train.fusion import describe as describe_fusion
-from stbir_train.loop import StageRun, lr_factor, run_epoch, step_losses, total_loss
-from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest
+from stbir_train.loop import StageRun, lr_factor, run_steps, stage_steps, step_losses, total_loss
+from stbir_train.manifest import build_manifests, check_files, manifest_paths, read_manifest_rows
 from stbir_train.noise import NoiseSchedule
 from stbir_train.verification import thresholds
 
@@ -60,10 +64,14 @@ class Run:
     cache: ImageCache | None = None
     resume_state: dict | None = None
     start_stage: int = 0
-    start_epoch: int = 0
+    start_step: int = 0
     best: float | None = None  # best validation sketch+text R@1; None without validation
+    # The running stage's best validation: {"score", "file" (its weights), "since" (validations
+    # since it)}; None before the stage's first validation or without validation rows.
+    stage_best: dict | None = None
     extra_state: dict | None = None  # more checkpoint keys (distill: the teacher's record)
     extra_terms: object = None  # more loss terms (loop.step_losses; distill: towards the teacher)
+    last_state: dict | None = None  # the last validation's checkpoint keys, besides the weights
 
     @property
     def ckpt_dir(self) -> Path:
@@ -76,45 +84,48 @@ class Run:
 
 
 def train(cfg: Config, only_stage: str | None = None, resume: str | Path | None = None,
-          stop_after_epochs: int | None = None, log=print) -> dict:
+          stop_after_validations: int | None = None, log=print) -> dict:
     """Run the config's stages; returns a summary (best metric, checkpoint paths, processes).
 
     ``only_stage`` runs just the stages with that target; ``resume`` continues from a checkpoint
-    written by this loop; ``stop_after_epochs`` ends this invocation early after that many epochs
-    (the run can be resumed from ``last.pt``).
+    written by this loop; ``stop_after_validations`` ends this invocation early after that many
+    validation points (epochs, for a stage in epochs); the run can be resumed from ``last.pt``.
     """
     run = setup(cfg, log)
     check_stage_option(cfg, only_stage)
     train_rows = prepare_data(run)
     build_or_resume(run, resume, train_rows)
-    run_stages(run, cfg.loss, only_stage, stop_after_epochs)
+    run_stages(run, cfg.loss, only_stage, stop_after_validations)
     return run.summary()
 
 
 def run_stages(run: Run, loss_cfg, only_stage: str | None = None,
-               stop_after_epochs: int | None = None) -> None:
-    """The stage and epoch loop of train() and distill()."""
+               stop_after_validations: int | None = None) -> None:
+    """The stage and step loop of train() and distill()."""
     stages = run.cfg.training.stages
-    epochs_run = 0
+    validations = 0
     for si in range(run.start_stage, len(stages)):
         if only_stage is not None and stages[si].target != only_stage:
             continue
         stage = start_stage(run, si)
-        first_epoch = run.start_epoch if si == run.start_stage else 0
-        for epoch in range(first_epoch, stage.epochs):
-            t0 = time.time()
-            losses = run_epoch(run.model, stage, epoch_loader(run, stage, epoch), epoch,
-                               loss_cfg=loss_cfg, grad_clip=run.cfg.training.grad_clip,
-                               device=run.procs.device,
-                               amp=run.cfg.training.amp and run.procs.device.type == "cuda",
-                               show_progress=run.procs.is_main,
-                               last_good=str(run.ckpt_dir / "last.pt"))
-            if run.procs.is_main:
-                validate_and_checkpoint(run, stage, epoch, losses, t0)
+        t0 = time.time()
+        while not stage.done:
+            run_steps(run.model, stage, segment_loader(run, stage), stage.segment_end(),
+                      loss_cfg=loss_cfg, grad_clip=run.cfg.training.grad_clip,
+                      device=run.procs.device,
+                      amp=run.cfg.training.amp and run.procs.device.type == "cuda",
+                      show_progress=run.procs.is_main, last_good=str(run.ckpt_dir / "last.pt"))
+            if not stage.validates_now():
+                continue
+            stop = validate_and_checkpoint(run, stage, t0) if run.procs.is_main else False
+            stage.stopped_early = distributed.agree(run.procs, stop)
             distributed.barrier(run.procs)
-            epochs_run += 1
-            if stop_after_epochs is not None and epochs_run >= stop_after_epochs:
+            t0 = time.time()
+            validations += 1
+            if stop_after_validations is not None and validations >= stop_after_validations:
                 return
+        if si + 1 < len(stages) and only_stage is None:
+            hand_on_stage_best(run, stage)
 
 
 # -- the steps, in the order train() takes them ------------------------------------------------
@@ -142,7 +153,7 @@ def prepare_data(run: Run) -> list[dict]:
         build_manifests(cfg)
     distributed.barrier(run.procs)
     root = cfg.resolve(cfg.data.root)
-    train_rows, run.val_rows = read_manifest(paths["train"]), read_manifest(paths["val"])
+    train_rows, run.val_rows = read_manifest_rows(paths["train"]), read_manifest_rows(paths["val"])
     check_files(train_rows, root, paths["train"])
     check_files(run.val_rows, root, paths["val"])
     run.cache = ImageCache(root)
@@ -159,14 +170,20 @@ def build_or_resume(run: Run, resume: str | Path | None, train_rows: list[dict])
         if run.model.spec.arcface_classes != n_labels:
             raise TrainingError(f"{resume}: checkpoint's ArcFace head has "
                                 f"{run.model.spec.arcface_classes} classes, the config {n_labels}")
-        stages = cfg.training.stages
-        run.start_stage = run.resume_state.get("stage_index", 0)
-        run.start_epoch = run.resume_state.get("epoch", 0)
-        best = run.resume_state.get("best")
+        state = run.resume_state
+        run.start_stage = state.get("stage_index", 0)
+        # Checkpoints from before samples-based stages knew only the epochs done.
+        run.start_step = state.get("step_in_stage", -1)
+        if run.start_step < 0:
+            run.start_step = -state.get("epoch", 0)  # epochs, turned into steps by start_stage
+        best = state.get("best")
         run.best = best if isinstance(best, float) and best >= 0 else None
-        if run.start_stage < len(stages) and run.start_epoch >= stages[run.start_stage].epochs:
-            run.start_stage, run.start_epoch = run.start_stage + 1, 0
-        run.say(f"resuming from {resume}: stage {run.start_stage}, epoch {run.start_epoch}")
+        stage_best = state.get("stage_best")
+        run.stage_best = stage_best if isinstance(stage_best, dict) else None
+        if state.get("stage_done"):
+            run.start_stage, run.start_step, run.stage_best = run.start_stage + 1, 0, None
+        run.say(f"resuming from {resume}: stage {run.start_stage}, step {abs(run.start_step)}"
+                + (" (epochs)" if run.start_step < 0 else ""))
     else:
         run.model = build_model(cfg.model.spec(arcface_classes=n_labels))
         if cfg.model.init_from:
@@ -209,25 +226,38 @@ def warm_start(model, path: Path, say) -> None:
 
 
 def start_stage(run: Run, si: int) -> StageRun:
-    """Make the stage's branch trainable and give it an optimiser (restored on resume)."""
+    """Make the stage's branch trainable, give it an optimiser and its schedule in steps
+    (position and optimiser restored on resume)."""
     cfg, model, procs = run.cfg, run.model, run.procs
     st = cfg.training.stages[si]
     model.configure_stage(st.target)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(model.param_groups(st.lr), lr=st.lr, weight_decay=st.weight_decay)
-    steps_per_epoch = len(run.train_set) // (cfg.training.batch_size * procs.world)
+    batch = cfg.training.batch_size * procs.world
+    steps_per_epoch = len(run.train_set) // batch
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(run.train_set)} training items are fewer than one batch of "
                             f"{cfg.training.batch_size} x {procs.world} process(es)")
-    frozen_anchors(run, st.target)
-    stage = StageRun(si, st.target, st.epochs, st.lr, optimizer, params,
-                     distributed.loss_step(model, procs, run.extra_terms), steps_per_epoch)
-    if run.resume_state is not None and si == run.start_stage and run.start_epoch > 0:
+    total = stage_steps(st.epochs, st.samples, steps_per_epoch, batch)
+    val_every = cfg.training.val_every
+    val_steps = max(1, round(val_every / batch)) if val_every else steps_per_epoch
+    stage = StageRun(si, st.target, st.lr, optimizer, params,
+                     distributed.loss_step(model, procs, run.extra_terms), steps_per_epoch,
+                     total, val_steps, batch)
+    resuming = run.resume_state is not None and si == run.start_stage and run.start_step != 0
+    if resuming:
         optimizer.load_state_dict(run.resume_state["optimizer"])
-        stage.step = run.resume_state.get("step_in_stage", run.start_epoch * steps_per_epoch)
-    run.say(f"stage {si + 1}/{len(cfg.training.stages)}: {st.target} for {st.epochs} epoch(s), "
-            f"lr {st.lr:g}, weight decay {st.weight_decay:g}; "
-            f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M")
+        start = run.start_step
+        stage.step = start if start > 0 else -start * steps_per_epoch
+    else:
+        run.stage_best = None
+    if not stage.done:
+        frozen_anchors(run, st.target)
+    length = (f"{st.samples} samples" if st.samples is not None else f"{st.epochs} epoch(s)")
+    run.say(f"stage {si + 1}/{len(cfg.training.stages)}: {st.target} for {length} = {total} "
+            f"steps of {batch} ({total / steps_per_epoch:.1f} epochs of {len(run.train_set)} "
+            f"items), validation every {val_steps} steps, lr {st.lr:g}, weight decay "
+            f"{st.weight_decay:g}; trainable {sum(p.numel() for p in params) / 1e6:.1f}M")
     return stage
 
 
@@ -258,50 +288,90 @@ def frozen_anchors(run: Run, target: str, batch: int = 128) -> None:
             f"({time.time() - t0:.0f}s)")
 
 
-def epoch_loader(run: Run, stage: StageRun, epoch: int) -> DataLoader:
-    """The epoch's batches: its noise level, and an order fixed by seed, stage and epoch."""
-    cfg = run.cfg
-    run.train_set.set_epoch(stage.index, stage.target, epoch)
+def segment_loader(run: Run, stage: StageRun) -> DataLoader:
+    """The batches from the stage's position to its next segment end: the epoch's order (fixed
+    by seed, stage and epoch) from where the stage is in it, and the noise level of the samples
+    the stage has shown."""
+    cfg, epoch = run.cfg, stage.epoch
+    run.train_set.set_epoch(stage.index, stage.target, epoch, stage.seen)
     epoch_seed = cfg.training.seed * 1_000_003 + stage.index * 1009 + epoch
     sampler = distributed.sampler(run.train_set, run.procs, cfg.training.seed,
                                   stage.index * 1009 + epoch, epoch_seed)
+    first = stage.step - epoch * stage.steps_per_epoch
+    if first or stage.segment_end() < (epoch + 1) * stage.steps_per_epoch:
+        b = cfg.training.batch_size
+        sampler = list(sampler)[first * b:(stage.segment_end() - epoch * stage.steps_per_epoch) * b]
     return DataLoader(run.train_set, cfg.training.batch_size, sampler=sampler, drop_last=True,
                       num_workers=cfg.training.num_workers,
                       pin_memory=run.procs.device.type == "cuda")
 
 
-def validate_and_checkpoint(run: Run, stage: StageRun, epoch: int, losses: dict,
-                            t0: float) -> None:
+def validate_and_checkpoint(run: Run, stage: StageRun, t0: float) -> bool:
     """Rank 0: validation metrics, ``last.pt`` always, ``best.pt`` when R@1 improved (every
-    epoch when there is no validation), one JSONL log line, one printed line."""
+    time when there is no validation), the stage's best weights, one JSONL log line, one
+    printed line. Returns whether the stage stops early (``training.patience``)."""
     val = (evaluate_rows(run.model, run.val_rows, run.cache, device=run.procs.device,
                          select=True, verify=True)  # picks the default fusion (stbir_train.fusion)
            if run.val_rows else None)
-    record = {"stage": stage.index, "target": stage.target, "epoch": epoch + 1, "losses": losses,
+    epoch = stage.step / stage.steps_per_epoch
+    record = {"stage": stage.index, "target": stage.target, "epoch": round(epoch, 3),
+              "step": stage.step, "samples": stage.seen, "losses": stage.take_losses(),
               "lr": stage.optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2),
               "val": {m: val["modes"][m]["overall"] for m in val["modes"]} if val else None}
-    improved = True  # without validation, best is last
+    improved, stage_improved = True, False  # without validation, best is last
     if val is not None:
         score = val["modes"]["sketch+text"]["overall"]["R@1"]
         improved = run.best is None or score > run.best
         run.best = score if improved else run.best
+        sb = run.stage_best
+        stage_improved = sb is None or score > sb["score"]
+        run.stage_best = ({"score": score, "file": "best.pt" if improved else "stage_best.pt",
+                           "since": 0} if stage_improved else {**sb, "since": sb["since"] + 1})
+    patience = run.cfg.training.patience
+    stop = bool(patience and run.stage_best and run.stage_best["since"] >= patience
+                and stage.step < stage.total_steps)
     state = dict(config=run.cfg.to_dict(), optimizer=stage.optimizer.state_dict(),
-                 stage_index=stage.index, epoch=epoch + 1, step_in_stage=stage.step,
+                 stage_index=stage.index, epoch=int(epoch), step_in_stage=stage.step,
+                 stage_done=stop or stage.step >= stage.total_steps, stage_best=run.stage_best,
                  metrics=record, best=run.best, **fusion_state(val), **(run.extra_state or {}))
     save_checkpoint(run.ckpt_dir / "last.pt", run.model, **state)
     if improved:
         save_checkpoint(run.ckpt_dir / "best.pt", run.model, **state)
+    elif stage_improved:  # the stage's best, below an earlier stage's: the next stage's start
+        save_checkpoint(run.ckpt_dir / "stage_best.pt", run.model, **state)
+    run.last_state = state
     log_path = run.cfg.out / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     v = record["val"] or {}
     mark = (" *best*" if improved else "") if val is not None else " (no validation: best = last)"
-    run.say(f"  {stage.target} epoch {epoch + 1}/{stage.epochs}: loss {losses['total']:.4f}"
+    run.say(f"  {stage.target} step {stage.step}/{stage.total_steps} (epoch {epoch:.2f}, "
+            f"{stage.seen} samples): loss {record['losses'].get('total', float('nan')):.4f}"
             + "".join(f", val {m} R@1 {v[m]['R@1']:.3f}" for m in v)
             + f" ({record['seconds']:.0f}s){mark}")
     if val is not None:
         run.say("    " + describe_fusion(val["fusion"]))
+    if stop:
+        run.say(f"  early stop: {patience} validation(s) without a better {stage.target} stage")
+    return stop
+
+
+def hand_on_stage_best(run: Run, stage: StageRun) -> None:
+    """Before the next stage: the finished stage's best validated weights, not its last ones
+    (``last.pt`` is rewritten with them, so a resume starts the next stage from them too)."""
+    sb = run.stage_best  # rank 0's (it validates): the other processes follow its decision
+    if not distributed.agree(run.procs, sb is not None and sb["since"] > 0):
+        return
+    from_best = distributed.agree(run.procs, sb is not None and sb["file"] == "best.pt")
+    path = run.ckpt_dir / ("best.pt" if from_best else "stage_best.pt")
+    run.model.load_state_dict(read_checkpoint(path)["model"])
+    if run.procs.is_main:
+        save_checkpoint(run.ckpt_dir / "last.pt", run.model, **run.last_state)
+    distributed.barrier(run.procs)
+    if sb is not None:
+        run.say(f"  the next stage starts from this stage's best weights (val sketch+text R@1 "
+                f"{sb['score']:.3f}, {path.name})")
 
 
 def fusion_state(val: dict | None) -> dict:

@@ -37,7 +37,7 @@ def make_config(dataset_root, tmp_path, **overrides):
     data = yaml.safe_load((dataset_root / "config.yaml").read_text())
     data["output_dir"] = str(tmp_path / "out")
     data["data"]["root"] = str(dataset_root)
-    data["training"].update(batch_size=8, num_workers=0)
+    data["training"].update(batch_size=8, num_workers=0, val_every=None)  # once an epoch
     data["training"]["stages"] = [{"target": "all", "epochs": 1, "lr": 1e-4, "weight_decay": 0.01}]
     data["data"]["val_fraction"] = 0.15
     for key, value in overrides.items():

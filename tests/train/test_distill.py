@@ -16,7 +16,7 @@ from stbir_train.cli import main as train_main
 from stbir_train.config import load_config
 from stbir_train.data import SBIRDataset
 from stbir_train.errors import ConfigError, TrainingError
-from stbir_train.manifest import build_manifests, manifest_paths, read_manifest
+from stbir_train.manifest import build_manifests, manifest_paths, read_manifest_rows
 
 STAGES = [{"target": "all", "epochs": 2, "lr": 1e-4, "weight_decay": 0.01}]
 
@@ -53,7 +53,7 @@ def test_teacher_runs_once_and_its_cached_vectors_are_reused(tiny_dataset, tmp_p
     calls = count_teacher_runs(monkeypatch)
     cfg = student_config(tiny_dataset, tmp_path, write_config, teacher)
     lines = []
-    first = D.distill(cfg, stop_after_epochs=1, log=lines.append)
+    first = D.distill(cfg, stop_after_validations=1, log=lines.append)
     assert len(calls) == 1 and any("computed into" in line for line in lines)
     cache = list((cfg.out / "distill_cache").glob("teacher-*.npz"))
     assert len(cache) == 1 and str(cache[0]) == first["cache"]
@@ -82,7 +82,7 @@ def test_teacher_runs_once_and_its_cached_vectors_are_reused(tiny_dataset, tmp_p
 def test_cache_is_keyed_by_teacher_and_data(tiny_dataset, tmp_path, write_config, teacher):
     cfg = load_config(write_config(tiny_dataset, tmp_path))
     build_manifests(cfg)
-    rows = read_manifest(manifest_paths(cfg)["train"])
+    rows = read_manifest_rows(manifest_paths(cfg)["train"])
     calls = []
 
     def fake(model, rows_, cache):
@@ -113,7 +113,7 @@ def test_teacher_vector_of_an_item_is_that_of_the_sketch_it_drew(tiny_dataset, t
 
     cfg = load_config(write_config(tiny_dataset, tmp_path))
     build_manifests(cfg)
-    rows = read_manifest(manifest_paths(cfg)["train"])
+    rows = read_manifest_rows(manifest_paths(cfg)["train"])
     model = build_model(ModelSpec(clip_model="stbir-tiny", sketch_backbone="mobilenet_v3_small"))
     specs = model.input_specs()
     base = SBIRDataset(rows, tiny_dataset, specs, model.tokenizer(), [0] * len(rows), 0, noise=None,
@@ -153,7 +153,7 @@ def test_distillation_terms_pull_the_student_to_the_teacher():
     towers = torch.nn.ModuleDict({b: torch.nn.Linear(6, 4) for b in branches})
     x = {b: torch.randn(8, 6) for b in branches}
     batch = {f"teacher_{b}": torch.nn.functional.normalize(torch.randn(8, 4), dim=-1) for b in branches}
-    model = type("M", (), {"spec": ModelSpec(fusion_weight=0.5)})()
+    model = type("M", (), {"spec": ModelSpec(train_sketch_weight=0.5)})()
     terms = D.relational_terms(model, 0.1)
     opt = torch.optim.Adam(towers.parameters(), lr=0.05)
 

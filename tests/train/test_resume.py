@@ -16,7 +16,7 @@ def test_resumed_run_matches_an_uninterrupted_run(tiny_dataset, tmp_path, write_
     part = load_config(write_config(tiny_dataset, tmp_path / "part", **{"training.stages": stages}))
     summary = train(full, log=lambda *a: None)
     assert summary["processes"] == 1 and summary["distributed"] is None
-    train(part, stop_after_epochs=2, log=lambda *a: None)  # stop in the middle of stage 2
+    train(part, stop_after_validations=2, log=lambda *a: None)  # stop in the middle of stage 2
     assert read_checkpoint(part.out / "checkpoints" / "last.pt")["epoch"] == 1
     resumed = train(part, resume=part.out / "checkpoints" / "last.pt", log=lambda *a: None)
     a = read_checkpoint(full.out / "checkpoints" / "last.pt")["model"]
