@@ -21,8 +21,9 @@ of the project has seen these sketches.
   the other 5), so no reported edge row was tuned on its own queries; the runtime's default
   weight is reported as its own row;
 - ``--untrained``: the ImageNet MobileNetV2 with no training, global-average-pooled features,
-  sketch against photo and sketch against the photo's pseudo-sketch (``edges.gallery_sketch``):
-  the baseline the issue quotes (torch, outside the runtime).
+  sketch against photo and sketch against the photo's pseudo-sketch (``edges.gallery_sketch``),
+  128 px inputs as the real preset's towers see them: the baseline the issue quotes (torch,
+  outside the runtime).
 
 Writes benchmarks/results/human_sketches_<name>.json (``--name``: default the export's parent
 folder's name) and prints the table. Exits 0 with a note when the data set is absent.
@@ -155,7 +156,7 @@ def measure_export(args, photos, sketches, edge: bool, work: Path) -> dict:
     index = work / ("index-edges" if edge else "index")
     s = Searcher(args.export, index, threads=args.threads, ef_search=256)
     t0 = time.perf_counter()
-    report = s.enroll(args.data / "photo", **({"edge_gallery": True} if edge else {}))
+    report = s.enroll(args.data / "photo", edge_gallery=edge)
     enroll_s = time.perf_counter() - t0
     ordinal = {str(p.resolve()): n for n, (_, _, p) in enumerate(photos)}
     n = len(photos)
@@ -210,43 +211,23 @@ def cross_validate(searcher, photos, sketches, ordinal) -> dict:
 # -- the untrained network ---------------------------------------------------------------------------
 
 def untrained_rows(args, photos, sketches) -> dict:
-    """ImageNet MobileNetV2, no training, pooled 1280-d features (224 px, letterboxed on white
-    for drawings and on the mean for photos), cosine: sketch vs photo, sketch vs pseudo-sketch."""
+    """ImageNet MobileNetV2, no training, pooled 1280-d features, cosine: sketch vs photo and
+    sketch vs the photo's pseudo-sketch (``edges.gallery_sketch``). Inputs as the real preset's
+    towers see them: 128 px letterboxed (white for drawings, grey for photos), mean/std 0.5;
+    the same network and inputs as benchmarks/sketch_recipes.py."""
     import numpy as np
-    import torch
-    import torchvision
 
+    from benchmarks.sketch_proxies import _trunk, embed, spec
     from stbir_infer.edges import gallery_sketch
     from stbir_infer.preprocess import open_image
 
-    net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
-    net.eval()
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-    def pixels(img, fill):
-        img = img.convert("RGB")
-        img.thumbnail((224, 224))
-        from PIL import Image
-
-        canvas = Image.new("RGB", (224, 224), fill)
-        canvas.paste(img, ((224 - img.width) // 2, (224 - img.height) // 2))
-        return ((np.asarray(canvas, np.float32) / 255 - mean) / std).transpose(2, 0, 1)
-
-    def embed(images, fill):
-        out = []
-        with torch.no_grad():
-            for s in range(0, len(images), 32):
-                x = torch.tensor(np.stack([pixels(i, fill) for i in images[s:s + 32]]), dtype=torch.float32)
-                f = net.features(x).mean((2, 3))
-                out.append(torch.nn.functional.normalize(f, dim=1).numpy())
-        return np.concatenate(out)
-
+    net = _trunk(args.weights)
     photo_imgs = [open_image(p, 3) for _, _, p in photos]
-    mean_fill = tuple(int(255 * m) for m in mean)
-    q = embed([open_image(p, 1) for _, _, p in sketches], (255, 255, 255))
-    galleries = {"photo": embed(photo_imgs, mean_fill),
-                 "pseudo-sketch": embed([gallery_sketch(i) for i in photo_imgs], (255, 255, 255))}
+    q = embed(net, [open_image(p, 1) for _, _, p in sketches], spec(128, 1, "pad")).numpy()
+    galleries = {
+        "photo": embed(net, photo_imgs, spec(128, 3, "pad")).numpy(),
+        "pseudo-sketch": embed(net, [gallery_sketch(i) for i in photo_imgs],
+                               spec(128, 1, "pad")).numpy()}
     return {name: metrics(np.argsort(-(q @ g.T), axis=1, kind="stable"), sketches, photos)
             for name, g in galleries.items()}
 
