@@ -1,9 +1,10 @@
 """Sketch-tower fine-tuning measured on human sketches, with k-fold real-sketch mixing.
 
     python benchmarks/sketch_kfold.py ../shared/data/sketchy-dev25 \
-        --checkpoint runs/real8k/data/runs/checkpoints/best.pt \
-        --data canny=runs/real8k/data/photos --data contour=runs/real8k-v2/data/photos \
-        [--steps 40] [--limit 1000] [--folds 5] [--weight 0.25]
+        --checkpoint runs/real8k-v2/data/runs/checkpoints/best.pt \
+        --data contour=runs/real8k-v2/data/photos \
+        [--baseline canny=runs/real8k/data/runs/checkpoints/best.pt] \
+        [--steps 30] [--limit 256] [--folds 5] [--weight 0.25]
 
 Every sketchy-dev25 sketch (625) queries a gallery of its 119 photos, scored in torch (the
 towers the export converts): against the image vectors (``image``), the sketch tower's vectors
@@ -12,11 +13,12 @@ mean (``image+edge``); ``text`` ("a photo of a <class>") and ``sketch+text`` (th
 the two vectors at the checkpoint's validated sketch weight, against the image vectors). Instance
 R@1/5/10 (the photo the sketch was drawn from), class P@1 and mAP (any photo of its class).
 
-Rows: the checkpoint as it is; ``stbir-train sketch-tune`` (``stbir_train.sketch_tune``) on each
-``--data`` folder's pseudo-sketches only (zero-shot: no sketchy-dev25 sketch seen); and with the
-last ``--data`` plus real pairs (``real_sketches``) in a k-fold over the 25 classes: train on
-the other classes' pairs, query with the held-out classes' sketches only (all 119 photos stay in
-the gallery), pooled over the folds, so no figure comes from a class it was trained on.
+Rows: each ``--baseline`` and the checkpoint as they are; ``stbir-train sketch-tune``
+(``stbir_train.sketch_tune``) on each ``--data`` folder's pseudo-sketches only (zero-shot: no
+sketchy-dev25 sketch seen); and with the last ``--data`` plus real pairs (``real_sketches``) in
+a k-fold over the 25 classes: train on the other classes' pairs, query with the held-out
+classes' sketches only (all 119 photos stay in the gallery), pooled over the folds, so no
+figure comes from a class it was trained on.
 Writes benchmarks/results/sketch_kfold.json and a markdown table.
 """
 
@@ -43,12 +45,16 @@ MODES = ("image", "edge", "image+edge", "text", "sketch+text")
 
 
 @torch.no_grad()
-def scores(model, pairs, sketch_weight: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per mode, the [sketches, photos] score matrix; and each sketch's photo index."""
+def scores(model, pairs, sketch_weight: float, keep: set[str] | None = None,
+           gallery: tuple | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per mode, the [sketches, photos] score matrix of the sketches of classes ``keep`` (all:
+    None); and each sketch's photo index. ``gallery``: the photos' image vectors and edge
+    drawings when already computed (a tuned checkpoint keeps its base's image tower)."""
     spec = model.input_specs()["sketch"]
-    image, edge_px = targets(model, pairs)
+    image, edge_px = gallery or targets(model, pairs)
     edge = torch.cat([model.encode_sketch(edge_px[i:i + 64]) for i in range(0, len(edge_px), 64)])
-    paths = [(i, s) for i, ss in enumerate(pairs.sketches) for s in ss]
+    paths = [(i, s) for i, ss in enumerate(pairs.sketches) for s in ss
+             if keep is None or pairs.classes[i] in keep]
     owner = np.array([i for i, _ in paths])
     px = torch.from_numpy(np.stack([preprocess(open_image(s, 1), spec) for _, s in paths]))
     sk = torch.cat([model.encode_sketch(px[i:i + 64]) for i in range(0, len(px), 64)])
@@ -73,13 +79,12 @@ def metrics(sims: np.ndarray, owner: np.ndarray, classes: list[str]) -> dict:
             "class_mAP": float(ap.mean()), "queries": int(len(owner))}
 
 
-def evaluate(ckpt: Path, pairs, keep: set[str] | None = None) -> tuple[dict, np.ndarray]:
+def evaluate(ckpt: Path, pairs, keep: set[str] | None = None, gallery: tuple | None = None,
+             ) -> tuple[dict, np.ndarray]:
     """Score matrices of every mode for the sketches of classes ``keep`` (all: None)."""
     model, state = load_model(ckpt)
-    w = float((state.get("fusion_selection") or {}).get("weight", model.spec.fusion_weight))
-    sims, owner = scores(model, pairs, w)
-    mask = np.ones(len(owner), bool) if keep is None else np.isin(np.array(pairs.classes)[owner], list(keep))
-    return {k: v[mask] for k, v in sims.items()}, owner[mask]
+    w = float((state.get("fusion_selection") or {}).get("weight", 0.5))  # validated on flickr8k
+    return scores(model, pairs, w, keep, gallery)
 
 
 def row(name: str, sims: dict, owner: np.ndarray, classes: list[str], **extra) -> dict:
@@ -92,10 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--data", action="append", required=True, metavar="NAME=FOLDER",
                     help="a sketchify category folder (trainA, trainB) per recipe; repeatable")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=CKPT",
+                    help="another checkpoint, evaluated as it is (repeatable)")
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--limit", type=int, default=1000)
+    ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--edge", type=float, default=0.5, help="loss weight of sketch <-> edge drawing")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--weight", type=float, default=0.25, help="real pairs' share of a batch")
@@ -106,16 +113,24 @@ def main(argv=None) -> int:
     pairs = read_pairs(args.sketchy)
     names = sorted(set(pairs.classes))
     data = dict(item.split("=", 1) for item in args.data)
-    rows = [row("checkpoint as is", *evaluate(args.checkpoint, pairs), pairs.classes)]
-    print(rows[-1]["row"], {k: round(v["instance_R@1"], 3) for k, v in rows[-1]["modes"].items()}, flush=True)
+    rows = []
+    for name, ckpt in [item.split("=", 1) for item in args.baseline]:
+        rows.append(row(f"{name} as is", *evaluate(Path(ckpt), pairs), pairs.classes, checkpoint=str(ckpt)))
+        print(rows[-1]["row"], {k: round(v["instance_R@1"], 3) for k, v in rows[-1]["modes"].items()}, flush=True)
+    # The gallery's image vectors and edge drawings, once: every tuned model keeps this image tower
+    # (sketch_tune reads them from the same cache for the real pairs).
+    gallery = targets(load_model(args.checkpoint)[0], pairs)
+    cache: dict = {(str(args.checkpoint.resolve()), str(args.sketchy.resolve())):
+                   ({p: i for i, p in enumerate(pairs.photos)}, gallery)}
+    rows.append(row("checkpoint as is", *evaluate(args.checkpoint, pairs, gallery=gallery), pairs.classes,
+                    checkpoint=str(args.checkpoint)))
     base = {"checkpoint": str(args.checkpoint.resolve()), "steps": args.steps, "limit": args.limit,
             "batch_size": args.batch_size, "lr": args.lr, "loss": {"image": 1.0, "edge": args.edge}}
     with tempfile.TemporaryDirectory(prefix="sketch_kfold_") as tmp:
-        cache: dict = {}
         for name, folder in data.items():
             cfg = tune_config({**base, "data": str(Path(folder).resolve()), "out": f"{tmp}/{name}.pt"})
             info = tune(cfg, cache=cache)
-            rows.append(row(f"tuned on {name} pseudo-sketches", *evaluate(Path(cfg.out), pairs),
+            rows.append(row(f"tuned on {name} pseudo-sketches", *evaluate(Path(cfg.out), pairs, gallery=gallery),
                             pairs.classes, seconds=info["seconds"]))
             print(rows[-1]["row"], {k: round(v["instance_R@1"], 3) for k, v in rows[-1]["modes"].items()}, flush=True)
         folds = np.array_split(np.random.default_rng(0).permutation(names), args.folds)
@@ -126,7 +141,7 @@ def main(argv=None) -> int:
             cfg = tune_config({**base, "data": str(Path(folder).resolve()), "out": f"{tmp}/fold{k}.pt",
                                "real_sketches": real})
             seconds += tune(cfg, cache=cache)["seconds"]
-            parts.append(evaluate(Path(cfg.out), pairs, set(held)))
+            parts.append(evaluate(Path(cfg.out), pairs, set(held), gallery))
             print(f"fold {k + 1}/{args.folds} (held out: {', '.join(held)}) done", flush=True)
         sims = {m: np.concatenate([p[0][m] for p in parts]) for m in MODES}
         owner = np.concatenate([p[1] for p in parts])

@@ -175,9 +175,15 @@ def tune(cfg: TuneConfig, log=print, cache: dict | None = None) -> dict:
         cache[key] = pairs, targets(model, pairs)
     pools, prepared = {"pseudo": cache[key][0]}, {"pseudo": cache[key][1]}
     real = cfg.real_sketches
-    if real is not None:
+    if real is not None:  # targets of the whole folder once; each fold takes its classes
         pools["real"] = read_pairs(cfg.path(real.root), real.classes, real.exclude)
-        prepared["real"] = targets(model, pools["real"])
+        key = (str(cfg.path(cfg.checkpoint)), str(cfg.path(real.root)))
+        if key not in cache:
+            every = read_pairs(cfg.path(real.root))
+            cache[key] = {p: i for i, p in enumerate(every.photos)}, targets(model, every)
+        where, (image, edge) = cache[key]
+        rows = [where[p] for p in pools["real"].photos]
+        prepared["real"] = image[rows], edge[rows]
     n_real = 0 if real is None else max(1, round(real.weight * cfg.batch_size))
     share = {"pseudo": cfg.batch_size - n_real, "real": n_real}
     for k, pairs in pools.items():
