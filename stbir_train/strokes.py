@@ -23,12 +23,11 @@ import numpy as np
 from PIL import Image, ImageFilter
 from skimage import color, feature, filters, measure, morphology, transform
 
-from stbir_infer.edges import WORK_SIZE
+from stbir_infer.edges import STROKE_WIDTH, WORK_SIZE
 
-# The page's canvas is 512 px with a default brush of 6 px (stbir_infer/static): 3 px at the
-# 256-px working size, the same share of the drawing as a user's default stroke.
-CANVAS_SIZE, CANVAS_BRUSH = 512, 6
-PEN_WIDTH = round(CANVAS_BRUSH * WORK_SIZE / CANVAS_SIZE)
+# The page's default pen at the working size (6 px on the 512-px canvas = 3 px at 256; the
+# runtime's drawings and tests/web/test_canvas.py use the same constant).
+PEN_WIDTH = STROKE_WIDTH
 MARGIN = 4  # px kept free at the working size's border after jitter
 
 
