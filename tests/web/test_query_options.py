@@ -67,4 +67,5 @@ def test_the_page_has_the_slider_and_says_no_match():
     html = (STATIC_DIR / "index.html").read_text()
     js = (STATIC_DIR / "app.js").read_text()
     assert 'id="sketch-weight"' in html and 'type="range"' in html and 'id="min-score"' in html
-    assert '"sketch_weight"' in js and '"min_score", "auto"' in js and "no match above" in js
+    # the slider starts at the export's per-mode threshold (its behaviour: test_browser_query.py)
+    assert '"sketch_weight"' in js and "score_thresholds" in js and "no match above" in js
