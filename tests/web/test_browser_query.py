@@ -1,11 +1,12 @@
 """The page's query features in a real headless browser (issue 28): "more like this" on a result,
-an example photo chosen as the query, the min-score slider (default: the export's threshold for
+an example photo chosen or dropped as the query, the min-score slider (default: the export's threshold for
 the query's mode; hides weaker hits and says how many), the folder / tag filters, the
 sketch-weight slider, and labels on every input. Skipped like tests/web/test_browser.py where
 chromium, chromedriver or selenium is missing."""
 
 from __future__ import annotations
 
+import base64
 import threading
 
 import numpy as np
@@ -190,3 +191,23 @@ def test_every_input_has_a_label(driver, site):  # noqa: F811
             !(el.labels && el.labels.length) && !el.getAttribute('aria-label') &&
             !el.textContent.trim()).map(el => el.id);""")
     assert unlabelled == []
+
+
+def test_a_photo_dropped_on_the_page_is_the_query(driver, site):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    status = _page(driver, site)
+    _slide(driver, "min-score", 0)
+    photo = (site["root"] / "cats" / "outdoor" / "p05.png").read_bytes()
+    driver.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.querySelector('.results-panel').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""",
+                          base64.b64encode(photo).decode())
+    _wait(lambda: driver.find_element(By.ID, "photo-name").text == "like: dropped.png",
+          what="the dropped photo")
+    _wait(lambda: "by photo ·" in status.text and _results(driver)[0]["name"] == "p05.png",
+          what="the dropped photo's search", seen=lambda: status.text)
+    assert _results(driver)[0]["same"]  # the same bytes as the enrolled file
