@@ -178,34 +178,41 @@ def measure_export(args, photos, sketches, edge: bool, work: Path) -> dict:
 
 
 def cross_validate(searcher, photos, sketches, ordinal) -> dict:
-    """The edge weight picked on 4 folds of classes (sketch-only class P@1 + instance R@1, on
-    the GRID), then the 5th fold's queries answered through the runtime at that weight; the
-    held-out rows of all 5 folds pooled."""
+    """Edge weights picked on 4 folds of classes (class P@1 + instance R@1 on the GRID), then the
+    5th fold's queries answered through the runtime at that weight; the held-out rows of all 5
+    folds pooled. ``sketch``: the sketch-only weight (``edge_weight``); ``sketch+text``: the
+    weight of a fused query (``fused_edge_weight``, off by default in the runtime)."""
     from stbir_infer import Searcher
 
     n = len(photos)
-    per_weight = {}
-    for w in GRID:
-        s = Searcher(searcher.encoders.model_dir, searcher.index_dir, threads=searcher.threads,
-                     ef_search=256, edge_weight=w)
-        queries = [{"sketch": str(p), "top_k": n} for _, _, p in sketches]
-        per_weight[w] = runtime_rankings(s, queries, photos, ordinal)
-    picked, held_rankings, held_sketches = [], [], []
-    for fold in folds_of(sketches):
-        train = [j for j, (c, _, _) in enumerate(sketches) if c not in fold]
-        test = [j for j, (c, _, _) in enumerate(sketches) if c in fold]
+    families = {"sketch": ("edge_weight", [{"sketch": str(p), "top_k": n} for _, _, p in sketches]),
+                "sketch+text": ("fused_edge_weight", [
+                    {"sketch": str(p), "text": class_text(c), "top_k": n} for c, _, p in sketches])}
+    out = {}
+    for family, (param, queries) in families.items():
+        per_weight = {}
+        for w in GRID:
+            s = Searcher(searcher.encoders.model_dir, searcher.index_dir, threads=searcher.threads,
+                         ef_search=256, **{param: w})
+            per_weight[w] = runtime_rankings(s, queries, photos, ordinal)
+        picked, held_rankings, held_sketches = [], [], []
+        for fold in folds_of(sketches):
+            train = [j for j, (c, _, _) in enumerate(sketches) if c not in fold]
+            test = [j for j, (c, _, _) in enumerate(sketches) if c in fold]
 
-        def score(w, rows=train):
-            m = metrics([per_weight[w][j] for j in rows], [sketches[j] for j in rows], photos)
-            return m["class_P@1"] + m["instance_R@1"]
+            def score(w, rows=train):
+                m = metrics([per_weight[w][j] for j in rows], [sketches[j] for j in rows], photos)
+                return m["class_P@1"] + m["instance_R@1"]
 
-        best = max(GRID, key=score)
-        picked.append(best)
-        held_rankings += [per_weight[best][j] for j in test]
-        held_sketches += [sketches[j] for j in test]
-    grid = {str(w): metrics(per_weight[w], sketches, photos) for w in GRID}
-    return {"weights_picked": picked, "held_out": metrics(held_rankings, held_sketches, photos),
-            "grid_all_queries": grid}
+            best = max(GRID, key=score)
+            picked.append(best)
+            held_rankings += [per_weight[best][j] for j in test]
+            held_sketches += [sketches[j] for j in test]
+        out[family] = {"weights_picked": picked,
+                       "held_out": metrics(held_rankings, held_sketches, photos),
+                       "grid_all_queries": {str(w): metrics(per_weight[w], sketches, photos)
+                                            for w in GRID}}
+    return out
 
 
 # -- the untrained network ---------------------------------------------------------------------------
@@ -246,9 +253,8 @@ def markdown(result: dict) -> str:
         tag = "edge gallery" if run["edge_gallery"] else "photos only"
         for mode, m in run["rows"].items():
             rows.append([f"{mode} ({tag})"] + [m[c] for c in COLS])
-        if run.get("cross_validated"):
-            cv = run["cross_validated"]
-            rows.append([f"sketch (edge gallery, weight 5-fold CV: {cv['weights_picked']})"]
+        for mode, cv in (run.get("cross_validated") or {}).items():
+            rows.append([f"{mode} (edge gallery, weight 5-fold CV: {cv['weights_picked']})"]
                         + [cv["held_out"][c] for c in COLS])
     for name, m in result.get("untrained", {}).items():
         rows.append([f"untrained MobileNetV2: sketch vs {name}"] + [m[c] for c in COLS])

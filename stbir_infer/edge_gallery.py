@@ -51,6 +51,15 @@ def check_weight(weight) -> float:
     return float(weight)
 
 
+def share(q, alone: float, fused: float) -> float:
+    """The edge gallery's share of a query's score (``q``: a QuerySpec): ``alone`` when the
+    sketch is the whole query (no other input, or a text at sketch_weight 1), ``fused`` for
+    sketch+text, else 0."""
+    if q.mode == "sketch" or (q.mode == "sketch+text" and q.sketch_weight == 1):
+        return alone
+    return fused if q.mode == "sketch+text" else 0.0
+
+
 def check_meta(value) -> None:
     """meta.json's ``edges`` (``index_meta`` calls this; ValueError names what is wrong)."""
     if not isinstance(value, dict) or set(value) != {"file", "method"}:
@@ -176,4 +185,4 @@ def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float,
 
 
 __all__ = ["CANDIDATES", "DEFAULT_ON", "DEFAULT_WEIGHT", "EDGE_FILE", "EdgeVectors", "check_meta",
-           "check_weight", "encode", "search"]
+           "check_weight", "encode", "search", "share"]

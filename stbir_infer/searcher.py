@@ -78,12 +78,6 @@ def _content_hash(source) -> str:
     return file_sha256(source) if isinstance(source, (str, os.PathLike)) else ""
 
 
-def _sketch_alone(q: QuerySpec) -> bool:
-    """Whether the sketch is the whole query (the edge gallery scores those): no other input, or
-    a text at sketch_weight 1."""
-    return q.mode == "sketch" or (q.mode == "sketch+text" and q.sketch_weight == 1)
-
-
 def _check_positive(name: str, value, error=ParameterError) -> int | None:
     if value is None:
         return None
@@ -102,7 +96,8 @@ class Searcher:
     ``precision``: "fp32" or "int8" (the export's quantised graphs).
     ``provider``: onnxruntime execution provider (``cpu``, ``cuda``...; ``stbir_infer.session``).
     ``edge_weight``: the share of the edge gallery in a sketch-only query's score, where the
-    index has one (``stbir_infer.edge_gallery``; None: its default, 0: photo vectors only).
+    index has one (``stbir_infer.edge_gallery``; None: its default, 0: photo vectors only);
+    ``fused_edge_weight``: the same for a sketch+text query (default 0: as without it).
     An index built with another export is refused (ModelMismatchError) here, not at first query.
 
     A long-lived Searcher (the web server) follows new generations as writers commit them; one
@@ -113,9 +108,11 @@ class Searcher:
     def __init__(self, model_dir: str | Path, index_dir: str | Path, *, threads: int | None = None,
                  ef_search: int | None = None, M: int | None = None,
                  ef_construction: int | None = None, precision: str = "fp32",
-                 provider: str = DEFAULT_PROVIDER, edge_weight: float | None = None):
+                 provider: str = DEFAULT_PROVIDER, edge_weight: float | None = None,
+                 fused_edge_weight: float = 0.0):
         self.threads = _check_positive("threads", threads)
         self.edge_weight = edge_gallery.check_weight(edge_weight)
+        self.fused_edge_weight = edge_gallery.check_weight(fused_edge_weight)
         self.ef_search = _check_positive("ef_search", ef_search)
         if (self.ef_search or 0) > MAX_EF:  # hnswlib's set_ef overflowed on 1e23
             raise ParameterError(f"ef_search must be at most {MAX_EF}, not {self.ef_search}")
@@ -272,7 +269,8 @@ class Searcher:
                                                q.sketch_weight, q.image_weight)
                     hits = self._search(idx, vector, q.top_k, q.where,
                                         same=sha if q.has_image else None,
-                                        sketch=sketches.get(i) if _sketch_alone(q) else None)
+                                        sketch=sketches.get(i), edge_weight=edge_gallery.share(
+                                            q, self.edge_weight, self.fused_edge_weight))
                     out[i] = hits if floors[i] is None else [h for h in hits if h.score >= floors[i]]
                 except QueryError as exc:
                     out[i] = exc
@@ -348,15 +346,17 @@ class Searcher:
         return idx
 
     def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int, where=None, *,
-                same: str | None = None, sketch: np.ndarray | None = None) -> list[Hit]:
+                same: str | None = None, sketch: np.ndarray | None = None,
+                edge_weight: float = 0.0) -> list[Hit]:
         """``same``: the example photo's sha256 (hits holding it get ``same_file`` True); ""
         when it is not known (every hit False); None for a query without a photo. ``sketch``:
-        a sketch-only query's vector, scored against the edge gallery too where there is one."""
+        the query's sketch vector, scored against the edge gallery at ``edge_weight`` where the
+        index has one."""
         allowed = idx.labels_where(where) if where else None
         ef = self.ef_search or idx.params.ef_search
         with self._lock:  # hnswlib's ef is index-wide state
-            if sketch is not None and idx.edges is not None and self.edge_weight > 0:
-                found = edge_gallery.search(idx, vector, sketch, top_k, weight=self.edge_weight,
+            if sketch is not None and idx.edges is not None and edge_weight > 0:
+                found = edge_gallery.search(idx, vector, sketch, top_k, weight=edge_weight,
                                             ef=ef, allowed=allowed)
             else:
                 found = idx.search(vector, top_k, ef=ef, allowed=allowed)

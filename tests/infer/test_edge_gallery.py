@@ -204,3 +204,28 @@ def test_a_photo_whose_drawing_fails_is_indexed_with_a_zero_edge_row(export_dir,
     labels, vecs = idx.edges.matrix()
     zero = [int(lab) for lab, v in zip(labels, vecs) if not v.any()]
     assert zero == [idx.files[str((folder / "c.png").resolve())]["label"]]
+
+
+def test_a_fused_query_uses_the_edge_gallery_only_when_asked(export_dir, photos, tmp_path):
+    folder, items = photos
+    idx_dir = tmp_path / "idx"
+    Searcher(export_dir, idx_dir, threads=1).enroll(folder, edge_gallery=True)
+    s = Searcher(export_dir, idx_dir, threads=1, fused_edge_weight=0.5)
+    idx = s.current_index()
+    sketch = make_sketch(tmp_path / "q.png", items["e.png"])
+    sv, tv = s.encoders.sketch([str(sketch)])[0], s.encoders.text(["a red star"])[0]
+    fused = s.fusion.combine(sv, tv)
+    fused = fused / np.linalg.norm(fused)
+    labels, edges = idx.edges.matrix()
+    photo_vecs = np.asarray(idx.hnsw.get_items(labels), np.float32)
+    photo_vecs /= np.linalg.norm(photo_vecs, axis=1, keepdims=True)
+    want = {int(lab): 0.5 * float(p @ fused) + 0.5 * float(e @ sv)
+            for lab, p, e in zip(labels, photo_vecs, edges)}
+    got = {idx.files[h.path]["label"]: h.score
+           for h in s.query(sketch=str(sketch), text="a red star", top_k=len(NAMES))}
+    assert got == pytest.approx(want, abs=1e-4)
+    # the default (0): a fused query scores its fused vector against the photos alone
+    plain = {idx.files[h.path]["label"]: h.score for h in Searcher(export_dir, idx_dir, threads=1)
+             .query(sketch=str(sketch), text="a red star", top_k=len(NAMES))}
+    assert plain == pytest.approx({int(lab): float(p @ fused) for lab, p in zip(labels, photo_vecs)},
+                                  abs=1e-4)
