@@ -102,7 +102,7 @@ def run_batch(searcher, stream: IO[bytes], write: Callable[[str], object], *, to
 def describe_query(searcher, q: QuerySpec) -> dict:
     """A query as ``query --json`` shows it."""
     fused = q.sketch is not None and q.text is not None
-    out = {"sketch": None if q.sketch is None else display(q.sketch),
+    out = {"sketch": None if q.sketch is None else display(str(q.sketch)),  # a path in a batch file
            "text": q.text, "top_k": q.top_k,
            "fusion": searcher.fusion.method if fused else None,
            "fusion_weight": ((searcher.fusion_weight if q.sketch_weight is None

@@ -152,8 +152,8 @@ class Fusion:
         img = np.asarray(image, np.float32)
         if sketch is None and text is None:
             return img
-        w = DEFAULT_IMAGE_WEIGHT if image_weight is None else check_weight(image_weight,
-                                                                          "image_weight")
+        w = check_weight(image_weight, "image_weight")
+        w = DEFAULT_IMAGE_WEIGHT if w is None else w
         return _normalize((1 - w) * self.combine(sketch, text, sketch_weight) + w * img)
 
     def min_score(self, value, mode: str) -> float | None:

@@ -264,9 +264,9 @@ class App:
         if not _LABEL.fullmatch(label):
             raise HTTPError(404, "no such image (images are addressed by their index id)")
         if size is None:
-            size = THUMB_DEFAULT
+            px = THUMB_DEFAULT
         elif _SIZE.fullmatch(size) and THUMB_MIN <= int(size) <= THUMB_MAX:
-            size = int(size)
+            px = int(size)
         else:
             raise HTTPError(400, f"size must be an integer between {THUMB_MIN} and {THUMB_MAX}")
         idx = self._gallery()
@@ -275,7 +275,7 @@ class App:
         paths = idx.paths.get(label_i) or []
         if sha is None or not paths:
             raise HTTPError(404, f"no image with id {label} in the index")
-        etag = f'"{sha[:32]}-{size}"'
+        etag = f'"{sha[:32]}-{px}"'
         headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
         if if_none_match and etag in if_none_match:
             return Response(304, b"", "image/jpeg", headers)
@@ -283,13 +283,13 @@ class App:
         # for other photos, and must not be answered with the old photos' thumbnails.
         file_size = next((rec.get("size") for p in paths
                           if (rec := idx.files.get(p)) is not None), None)
-        key = (sha, file_size, size)
+        key = (sha, file_size, px)
         with self._thumbs_lock:
             body = self._thumbs.get(key)
             if body is not None:
                 self._thumbs.move_to_end(key)
         if body is None:
-            body = thumbnail(paths, sha, size, label)  # only a file that still holds ``sha``
+            body = thumbnail(paths, sha, px, label)  # only a file that still holds ``sha``
             with self._thumbs_lock:
                 self._thumbs[key] = body
                 while len(self._thumbs) > THUMB_CACHE:

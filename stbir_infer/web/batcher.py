@@ -17,11 +17,13 @@ import threading
 import time
 from contextlib import contextmanager
 
+from stbir_infer.query_spec import QuerySpec
+
 
 class _Slot:
     __slots__ = ("query", "result", "done")
 
-    def __init__(self, query: dict):
+    def __init__(self, query: QuerySpec):
         self.query, self.result, self.done = query, None, False
 
 
@@ -54,7 +56,7 @@ class QueryBatcher:
                 self._arriving -= 1
                 self._cond.notify_all()
 
-    def __call__(self, query: dict):
+    def __call__(self, query: QuerySpec):
         slot = _Slot(query)
         with self._cond:
             self._waiting.append(slot)

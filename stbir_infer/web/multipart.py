@@ -83,7 +83,7 @@ def parse(body: bytes, content_type: str) -> list[tuple[str | None, str | None, 
         if at < 0:
             raise MultipartError("malformed multipart body (no boundary line)")
         pos = at + 2 + len(delimiter)
-    parts = []
+    parts: list[tuple[str | None, str | None, bytes]] = []
     while True:
         if body.startswith(b"--", pos):
             return parts  # the close delimiter (an epilogue after it is ignored)

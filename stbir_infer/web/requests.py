@@ -259,7 +259,7 @@ def query_from_urlencoded(body: bytes, max_top_k: int) -> Query:
         raise HTTPError(400, "form body has too many fields") from None
     if "sketch" in pairs:
         raise HTTPError(400, "send a sketch as multipart/form-data or as base64 in JSON")
-    fields = {}
+    fields: dict[str, tuple[str | None, bytes]] = {}
     for k, v in pairs.items():
         if len(v) > 1:
             raise HTTPError(400, f"field {short_repr(k)} given twice")
