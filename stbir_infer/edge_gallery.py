@@ -126,7 +126,9 @@ class EdgeVectors:
         if not np.isfinite(vecs).all() or not (
                 (np.abs(norms - 1) < _NORM_TOLERANCE) | (norms == 0)).all():
             raise IndexFormatError(f"{shown_as}: rows must be finite unit vectors (or zero)")
-        return cls(dim, dict(zip(labels, vecs)), method=meta["edges"]["method"])
+        out = cls(dim, dict(zip(labels, vecs)), method=meta["edges"]["method"])
+        out._matrix = (np.asarray(labels, np.int64), vecs)  # the rows are views of it: no copy
+        return out
 
 
 def encode(encoders, pixels: list) -> np.ndarray:
