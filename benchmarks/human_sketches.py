@@ -264,11 +264,27 @@ def markdown(result: dict) -> str:
                                   "class mAP"], [[r[0]] + [f"{x:.3f}" for x in r[1:]] for r in rows]))
     lines += ["", f"Chance of sketch+text instance R@1 with the class known: "
                   f"{ch['within_class_R@1']:.3f}.", ""]
+    if result.get("targets"):
+        lines += ["Targets (issue 27)", "", common.targets_table(result["targets"]), ""]
     for run in result["runs"]:
         lines.append(f"- {'edge gallery' if run['edge_gallery'] else 'photos only'}: enroll "
                      f"{run['enroll_seconds']} s, index {run['index_bytes'] / 1024:.0f} KiB, "
                      f"{result['sketches']} sketch queries {run['sketch_queries_seconds']} s")
     return "\n".join(lines)
+
+
+def targets(result: dict) -> list[dict]:
+    """Issue 27's goals, on the last run's sketch-only row (the cross-validated edge row where
+    there is one) and its sketch+text row against text alone."""
+    run = result["runs"][-1]
+    cv = run.get("cross_validated") or {}
+    sketch = cv["sketch"]["held_out"] if "sketch" in cv else run["rows"]["sketch"]
+    both = cv["sketch+text"]["held_out"] if "sketch+text" in cv else run["rows"]["sketch+text"]
+    text = run["rows"]["text"]["instance_R@1"]
+    return [common.target("sketch-only class P@1", sketch["class_P@1"], 0.40, ">="),
+            common.target("sketch-only instance R@1", sketch["instance_R@1"], 0.15, ">="),
+            common.target("sketch+text instance R@1 above text alone", both["instance_R@1"], text,
+                          ">=", note=f"text alone {text:.3f}")]
 
 
 def main(argv=None) -> int:
@@ -300,6 +316,7 @@ def main(argv=None) -> int:
     if args.untrained:
         common.log("untrained MobileNetV2 rows")
         result["untrained"] = untrained_rows(args, photos, sketches)
+    result["targets"] = targets(result)
     common.finish("human_sketches", result, args.out, markdown(result), t0)
     return 0
 
