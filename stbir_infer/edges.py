@@ -140,6 +140,9 @@ def render(strokes: np.ndarray, rng: np.random.Generator | None, jitter: bool = 
     """Stroke map -> a black-on-white L drawing. With ``jitter`` (training variants) the strokes
     are warped, patches dropped, width and ink drawn from ``rng``; without, the drawing is fixed
     (STROKE_WIDTH-px strokes at WORK_SIZE, softened, black) and ``rng`` is not used."""
+    if jitter and rng is None:
+        raise ValueError("a jittered drawing needs an rng")
+    rng = rng if rng is not None else np.random.default_rng(0)  # unused without jitter
     h, w = strokes.shape
     ys, xs = np.nonzero(strokes)
     if jitter and ys.size:

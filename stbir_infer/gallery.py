@@ -171,7 +171,7 @@ class GalleryIndex:
         if need > self.hnsw.max_elements:
             self.hnsw.resize_index(max(need, 2 * self.hnsw.max_elements))
         self.hnsw.add_items(vectors, np.asarray(labels, np.int64), replace_deleted=True)
-        if self.edges is not None:
+        if self.edges is not None and edge_vectors is not None:  # both or neither (checked above)
             self.edges.add(labels, edge_vectors)
         self.next_label += len(labels)
         for label, sha in zip(labels, hashes):

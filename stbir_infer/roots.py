@@ -64,8 +64,9 @@ def split_by_root(records: dict[str, dict], roots: list[str]) -> tuple[list[str]
     return roots, out
 
 
-def join_roots(roots: list[str], per_root: list[dict]) -> dict[str, dict]:
-    """The inverse of ``split_by_root``: {absolute path: record}."""
+def join_roots(roots: list[str], per_root) -> dict[str, dict]:
+    """The inverse of ``split_by_root``: {absolute path: record}. ``per_root`` comes from an
+    index's meta.json, so its type is checked here."""
     if not per_root:
         return {}
     if not isinstance(per_root, list) or len(per_root) > len(roots):

@@ -78,12 +78,15 @@ def _content_hash(source) -> str:
     return file_sha256(source) if isinstance(source, (str, os.PathLike)) else ""
 
 
-def _check_positive(name: str, value, error=ParameterError) -> int | None:
-    if value is None:
-        return None
+def _check_positive(name: str, value, error=ParameterError) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise error(f"{name} must be an integer >= 1, not {value!r}")
     return int(value)
+
+
+def _positive_or_none(name: str, value) -> int | None:
+    """None (the library's default) or an integer >= 1."""
+    return None if value is None else _check_positive(name, value)
 
 
 class Searcher:
@@ -110,10 +113,10 @@ class Searcher:
                  ef_construction: int | None = None, precision: str = "fp32",
                  provider: str = DEFAULT_PROVIDER, edge_weight: float | None = None,
                  fused_edge_weight: float = 0.0):
-        self.threads = _check_positive("threads", threads)
+        self.threads = _positive_or_none("threads", threads)
         self.edge_weight = edge_gallery.check_weight(edge_weight)
         self.fused_edge_weight = edge_gallery.check_weight(fused_edge_weight)
-        self.ef_search = _check_positive("ef_search", ef_search)
+        self.ef_search = _positive_or_none("ef_search", ef_search)
         if (self.ef_search or 0) > MAX_EF:  # hnswlib's set_ef overflowed on 1e23
             raise ParameterError(f"ef_search must be at most {MAX_EF}, not {self.ef_search}")
         self._M = M
@@ -247,8 +250,18 @@ class Searcher:
                 specs[i] = QuerySpec.from_dict(q)
             except QueryError as exc:
                 out[i] = exc
-        idx = self._require_index() if specs else None
-        floors = {}
+        if specs:
+            self._answer_many(self._require_index(), specs, out, batch_size)
+        if errors == "raise":
+            first = next((r for r in out if isinstance(r, QueryError)), None)
+            if first is not None:
+                raise first
+        return out
+
+    def _answer_many(self, idx: GalleryIndex, specs: dict[int, QuerySpec], out: list,
+                     batch_size: int) -> None:
+        """``out[i]``: the hits of query ``specs[i]``, or its QueryError."""
+        floors: dict[int, float | None] = {}
         for i, q in specs.items():
             try:
                 floors[i] = self.min_score_for(q.min_score, mode=q.mode)
@@ -271,14 +284,10 @@ class Searcher:
                                         same=sha if q.has_image else None,
                                         sketch=sketches.get(i), edge_weight=edge_gallery.share(
                                             q, self.edge_weight, self.fused_edge_weight))
-                    out[i] = hits if floors[i] is None else [h for h in hits if h.score >= floors[i]]
+                    floor = floors[i]
+                    out[i] = hits if floor is None else [h for h in hits if h.score >= floor]
                 except QueryError as exc:
                     out[i] = exc
-        if errors == "raise":
-            first = next((r for r in out if isinstance(r, QueryError)), None)
-            if first is not None:
-                raise first
-        return out
 
     @staticmethod
     def _stored(idx: GalleryIndex, label: int) -> tuple[np.ndarray, str]:
@@ -293,7 +302,8 @@ class Searcher:
         be read or encoded gets its QueryError in ``out``."""
         todo = [(i, getattr(q, branch)) for i, q in specs.items()
                 if getattr(q, branch) is not None and out[i] is None]
-        vectors, shas = {}, {}
+        vectors: dict[int, np.ndarray] = {}
+        shas: dict[int, str | None] = {}
         if branch != "text":  # decode one by one: a bad file fails only its own query
             pixels = []
             for i, source in todo:
@@ -330,7 +340,7 @@ class Searcher:
         return self.fusion.min_score(min_score, mode)
 
     def search(self, vector: np.ndarray, top_k: int = 10, where=None) -> list[Hit]:
-        """Top-k images for a precomputed query vector [D] (e.g. from ``encoders.fuse``)."""
+        """Top-k images for a precomputed query vector [D] (e.g. from ``fusion.Fusion.query``)."""
         top_k = _check_positive("top_k", top_k, QueryError)
         vector = np.asarray(vector, np.float32).reshape(-1)
         if vector.shape[0] != self.encoders.embed_dim:
