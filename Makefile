@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: install test test-slow demo real bench clean
+.PHONY: install test lint test-slow demo real bench clean
 
 install: $(VENV)/.installed
 
@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-test: install
+test: install lint
 	$(BIN)/pytest -q
+
+# ruff (lint, import order, pyupgrade; pyproject [tool.ruff]) over everything, mypy over the runtime.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test-slow: install
 	$(BIN)/pytest -q -m slow

@@ -114,7 +114,9 @@ class SBIRDataset(Dataset):
                                         else 1 if u < self.modality_dropout / 2 else 2)
         if self.negatives:
             picks = rng.permutation(len(row["negative_images"]))[: self.negatives]
-            item["neg_images"] = torch.stack([self._pixels(row["negative_images"][j], "photo", rng, noisy) for j in picks])
-            item["neg_sketches"] = torch.stack([self._pixels(row["negative_sketches"][j], "sketch", rng, noisy) for j in picks])
+            item["neg_images"] = torch.stack([self._pixels(row["negative_images"][j], "photo", rng, noisy)
+                                              for j in picks])
+            item["neg_sketches"] = torch.stack([self._pixels(row["negative_sketches"][j], "sketch", rng, noisy)
+                                                for j in picks])
             item["neg_tokens"] = self.neg_tokens[self._neg_offsets[i] + torch.from_numpy(picks)]
         return item
