@@ -15,7 +15,7 @@ import importlib
 
 _EXPORTS = {
     "Searcher": "stbir_infer.searcher",
-    "Hit": "stbir_infer.searcher",
+    "Hit": "stbir_infer.hits",
     "EnrollReport": "stbir_infer.enroll",
     "Encoders": "stbir_infer.encoders",
     "Tokenizer": "stbir_infer.tokenizer",

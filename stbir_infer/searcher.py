@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,43 +33,13 @@ from stbir_infer.errors import (
 from stbir_infer.filters import parse_where
 from stbir_infer.fusion import Fusion
 from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
+from stbir_infer.hits import Hit, hits_of
 from stbir_infer.index_meta import MAX_EF
-from stbir_infer.paths import display, path_bytes_b64
+from stbir_infer.paths import display
 from stbir_infer.query_spec import QuerySpec, mode_of
 from stbir_infer.session import DEFAULT_PROVIDER
 
 log = logging.getLogger("stbir_infer")
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result: ``path`` of the image, cosine ``score``, 1-based ``rank``; ``duplicates`` are
-    other paths with the same content (indexed once).
-
-    ``path`` is the name as the file system gave it (``os.fsdecode``: undecodable bytes are lone
-    surrogates), so ``open(hit.path)`` opens the file; it may not print or encode as UTF-8.
-    """
-
-    path: str
-    score: float
-    rank: int
-    duplicates: tuple[str, ...] = field(default=())
-    same_file: bool | None = None  # with an example photo: this hit holds that very file content
-
-    def to_dict(self) -> dict:
-        """JSON-safe: ``path`` and ``duplicates`` in display form (``paths.display``: valid UTF-8,
-        undecodable bytes as ``\\xNN``, control characters escaped). Where a display form differs
-        from the real name, ``path_bytes_b64`` (and ``duplicates_bytes_b64``, one per duplicate)
-        give the exact bytes of the name, base64-encoded, to open the file with."""
-        d = {"rank": self.rank, "score": self.score, "path": display(self.path),
-             "duplicates": [display(p) for p in self.duplicates]}
-        if self.same_file is not None:
-            d["same_file"] = self.same_file
-        if d["path"] != self.path:
-            d["path_bytes_b64"] = path_bytes_b64(self.path)
-        if d["duplicates"] != list(self.duplicates):
-            d["duplicates_bytes_b64"] = [path_bytes_b64(p) for p in self.duplicates]
-        return d
 
 
 def _content_hash(source) -> str:
@@ -370,12 +339,7 @@ class Searcher:
                                             ef=ef, allowed=allowed)
             else:
                 found = idx.search(vector, top_k, ef=ef, allowed=allowed)
-        hits = []
-        for rank, (label, score) in enumerate(found, 1):
-            paths = idx.paths_where(label, where) or ["?"]
-            hits.append(Hit(path=paths[0], score=score, rank=rank, duplicates=tuple(paths[1:]),
-                            same_file=None if same is None else idx.items.get(label) == same))
-        return hits
+        return hits_of(idx, found, where, same)
 
     # -- info ---------------------------------------------------------------------------------------
     def info(self) -> dict:

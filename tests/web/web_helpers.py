@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stbir_infer.searcher import Hit
+from stbir_infer.hits import Hit
 
 N_PHOTOS = 10
 MAX_BODY = 256 * 1024
