@@ -14,7 +14,8 @@ from infer_helpers import make_photos, paths_in, run_cli
 import stbir_infer
 from stbir_infer import store
 from stbir_infer.encoders import Encoders
-from stbir_infer.enroll import CHANGED, PHASES
+from stbir_infer.enroll import CHANGED
+from stbir_infer.enroll_report import PHASES
 from stbir_infer.errors import EnrollError, ParameterError
 from stbir_infer.gallery import GalleryIndex, HnswParams
 from stbir_infer.searcher import Searcher
