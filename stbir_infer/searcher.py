@@ -36,7 +36,7 @@ from stbir_infer.gallery import SPACE, GalleryIndex, HnswParams
 from stbir_infer.hits import Hit, hits_of
 from stbir_infer.index_meta import MAX_EF
 from stbir_infer.paths import display
-from stbir_infer.query_spec import QuerySpec, mode_of
+from stbir_infer.query_spec import AUTO, QuerySpec, mode_of
 from stbir_infer.session import DEFAULT_PROVIDER
 
 log = logging.getLogger("stbir_infer")
@@ -249,11 +249,13 @@ class Searcher:
                         image, sha = self._stored(idx, q.like)
                     vector = self.fusion.query(sketches.get(i), texts.get(i), image,
                                                q.sketch_weight, q.image_weight)
+                    share = edge_gallery.share(q, self.edge_weight, self.fused_edge_weight)
                     hits = self._search(idx, vector, q.top_k, q.where,
                                         same=sha if q.has_image else None,
-                                        sketch=sketches.get(i), edge_weight=edge_gallery.share(
-                                            q, self.edge_weight, self.fused_edge_weight))
+                                        sketch=sketches.get(i), edge_weight=share)
                     floor = floors[i]
+                    if floor is not None and q.min_score == AUTO and share and idx.edges:
+                        floor = idx.edges.threshold(idx, floor, share)  # on edge-gallery scores
                     out[i] = hits if floor is None else [h for h in hits if h.score >= floor]
                 except QueryError as exc:
                     out[i] = exc
@@ -298,6 +300,16 @@ class Searcher:
         if branch == "image":
             return {i: (v, shas.get(i)) for i, v in vectors.items()}
         return vectors
+
+    def score_thresholds(self) -> dict[str, float]:
+        """The export's score threshold per query mode ("auto"); a mode the edge gallery scores
+        gets it mapped onto those scores (``EdgeVectors.threshold``)."""
+        modes = dict((self.fusion.thresholds or {}).get("modes") or {})
+        idx = self.current_index()
+        for mode, share in (("sketch", self.edge_weight), ("sketch+text", self.fused_edge_weight)):
+            if mode in modes and share and idx is not None and idx.edges is not None:
+                modes[mode] = idx.edges.threshold(idx, modes[mode], share)
+        return modes
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
                       mode: str | None = None) -> float | None:

@@ -229,3 +229,32 @@ def test_a_fused_query_uses_the_edge_gallery_only_when_asked(export_dir, photos,
              .query(sketch=str(sketch), text="a red star", top_k=len(NAMES))}
     assert plain == pytest.approx({int(lab): float(p @ fused) for lab, p in zip(labels, photo_vecs)},
                                   abs=1e-4)
+
+
+def test_auto_min_score_is_carried_over_to_edge_gallery_scores(combiner_export, photos, tmp_path):
+    """The export's sketch threshold is a false-accept rate of photo scores; on edge-gallery
+    scores "auto" uses the same rate, measured on the gallery's own pseudo-sketches."""
+    export = combiner_export[0]
+    folder, items = photos
+    s = Searcher(export, tmp_path / "idx", threads=1)
+    s.enroll(folder, edge_gallery=True)
+    idx = s.current_index()
+    photo_t = s.fusion.thresholds["modes"]["sketch"]
+    t = s.score_thresholds()["sketch"]
+    assert s.score_thresholds()["text"] == s.fusion.thresholds["modes"]["text"]  # not its mode
+    labels, edges = idx.edges.matrix()
+    photo_vecs = np.asarray(idx.hnsw.get_items(labels), np.float32)
+    photo_vecs /= np.linalg.norm(photo_vecs, axis=1, keepdims=True)
+    other = ~np.eye(len(labels), dtype=bool)
+    photo_scores = (edges @ photo_vecs.T)[other]
+    mixed = (0.2 * (edges @ photo_vecs.T) + 0.8 * (edges @ edges.T))[other]
+    rate = (photo_scores >= photo_t).mean()
+    assert t == pytest.approx(np.quantile(mixed, 1 - rate) if rate else max(mixed.max(), photo_t))
+    sketch = make_sketch(tmp_path / "q.png", items["b.png"])
+    every = s.query(sketch=str(sketch), top_k=len(NAMES))
+    kept = s.query(sketch=str(sketch), top_k=len(NAMES), min_score="auto")
+    assert [h.path for h in kept] == [h.path for h in every if h.score >= t]
+    # without an edge gallery the export's own threshold applies, unchanged
+    plain = Searcher(export, tmp_path / "plain", threads=1)
+    plain.enroll(folder, edge_gallery=False)
+    assert plain.score_thresholds()["sketch"] == photo_t
