@@ -65,6 +65,7 @@ class Run:
     resume_state: dict | None = None
     start_stage: int = 0
     start_step: int = 0
+    start_epoch: int = 0  # a checkpoint from before samples-based stages knew only its epochs
     best: float | None = None  # best validation sketch+text R@1; None without validation
     # The running stage's best validation: {"score", "file" (its weights), "since" (validations
     # since it)}; None before the stage's first validation or without validation rows.
@@ -172,18 +173,16 @@ def build_or_resume(run: Run, resume: str | Path | None, train_rows: list[dict])
                                 f"{run.model.spec.arcface_classes} classes, the config {n_labels}")
         state = run.resume_state
         run.start_stage = state.get("stage_index", 0)
-        # Checkpoints from before samples-based stages knew only the epochs done.
-        run.start_step = state.get("step_in_stage", -1)
-        if run.start_step < 0:
-            run.start_step = -state.get("epoch", 0)  # epochs, turned into steps by start_stage
+        run.start_step = state.get("step_in_stage", 0)
+        run.start_epoch = 0 if "step_in_stage" in state else state.get("epoch", 0)
         best = state.get("best")
         run.best = best if isinstance(best, float) and best >= 0 else None
         stage_best = state.get("stage_best")
         run.stage_best = stage_best if isinstance(stage_best, dict) else None
         if state.get("stage_done"):
-            run.start_stage, run.start_step, run.stage_best = run.start_stage + 1, 0, None
-        run.say(f"resuming from {resume}: stage {run.start_stage}, step {abs(run.start_step)}"
-                + (" (epochs)" if run.start_step < 0 else ""))
+            run.start_stage, run.start_step, run.start_epoch = run.start_stage + 1, 0, 0
+        run.say(f"resuming from {resume}: stage {run.start_stage}, "
+                + (f"step {run.start_step}" if run.start_step else f"epoch {run.start_epoch}"))
     else:
         run.model = build_model(cfg.model.spec(arcface_classes=n_labels))
         if cfg.model.init_from:
@@ -244,11 +243,10 @@ def start_stage(run: Run, si: int) -> StageRun:
     stage = StageRun(si, st.target, st.lr, optimizer, params,
                      distributed.loss_step(model, procs, run.extra_terms), steps_per_epoch,
                      total, val_steps, batch)
-    resuming = run.resume_state is not None and si == run.start_stage and run.start_step != 0
-    if resuming:
+    resuming = run.resume_state is not None and si == run.start_stage
+    if resuming and (run.start_step or run.start_epoch):
         optimizer.load_state_dict(run.resume_state["optimizer"])
-        start = run.start_step
-        stage.step = start if start > 0 else -start * steps_per_epoch
+        stage.step = run.start_step or run.start_epoch * steps_per_epoch
     else:
         run.stage_best = None
     if not stage.done:
