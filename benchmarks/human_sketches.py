@@ -171,10 +171,31 @@ def measure_export(args, photos, sketches, edge: bool, work: Path) -> dict:
     out = {"edge_gallery": edge, "enrolled": report.total, "enroll_seconds": round(enroll_s, 2),
            "sketch_queries_seconds": round(sketch_s, 2), "rows": rows,
            "index_bytes": common.dir_bytes(index)}
+    out["auto_threshold"] = threshold_rates(s, sketches, photos, ordinal)
     if edge:
         out["edge_weight_default"] = s.edge_weight
         out["cross_validated"] = cross_validate(s, photos, sketches, ordinal)
     return out
+
+
+def threshold_rates(searcher, sketches, photos, ordinal) -> dict | None:
+    """Sketch-only queries against ``min_score`` "auto" (the export's threshold; on an edge
+    gallery, mapped onto its scores): the share of other-class and same-class (query, photo)
+    pairs that pass it. None when the export has no thresholds."""
+    t = searcher.score_thresholds().get("sketch")
+    if t is None:
+        return None
+    other = same = n_other = n_same = 0
+    queries = [{"sketch": str(p), "top_k": len(photos)} for _, _, p in sketches]
+    for (c, _, _), hits in zip(sketches, searcher.query_many(queries, batch_size=64)):
+        for h in hits:
+            hit_class = photos[ordinal[h.path]][0]
+            passed = h.score >= t
+            if hit_class == c:
+                same, n_same = same + passed, n_same + 1
+            else:
+                other, n_other = other + passed, n_other + 1
+    return {"threshold": t, "other_class_pass": other / n_other, "same_class_pass": same / n_same}
 
 
 def cross_validate(searcher, photos, sketches, ordinal) -> dict:
@@ -267,6 +288,11 @@ def markdown(result: dict) -> str:
     if result.get("targets"):
         lines += ["Targets (issue 27)", "", common.targets_table(result["targets"]), ""]
     for run in result["runs"]:
+        if run.get("auto_threshold"):
+            a = run["auto_threshold"]
+            lines.append(f"- {'edge gallery' if run['edge_gallery'] else 'photos only'}: min_score "
+                         f"auto {a['threshold']:.3f} passes {a['other_class_pass']:.2%} of "
+                         f"other-class and {a['same_class_pass']:.2%} of same-class pairs")
         lines.append(f"- {'edge gallery' if run['edge_gallery'] else 'photos only'}: enroll "
                      f"{run['enroll_seconds']} s, index {run['index_bytes'] / 1024:.0f} KiB, "
                      f"{result['sketches']} sketch queries {run['sketch_queries_seconds']} s")
