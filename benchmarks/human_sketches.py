@@ -179,23 +179,26 @@ def measure_export(args, photos, sketches, edge: bool, work: Path) -> dict:
 
 
 def threshold_rates(searcher, sketches, photos, ordinal) -> dict | None:
-    """Sketch-only queries against ``min_score`` "auto" (the export's threshold; on an edge
-    gallery, mapped onto its scores): the share of other-class and same-class (query, photo)
-    pairs that pass it. None when the export has no thresholds."""
-    t = searcher.score_thresholds().get("sketch")
-    if t is None:
+    """Sketch-only queries against ``min_score`` "auto" (``Searcher.score_thresholds``: the
+    export's threshold; on an edge gallery, mapped onto its scores) and against the export's
+    threshold as it is: the share of other-class and same-class (query, photo) pairs that pass
+    each. None when the export has no thresholds."""
+    auto = searcher.score_thresholds().get("sketch")
+    if auto is None:
         return None
-    other = same = n_other = n_same = 0
+    raw = searcher.fusion.thresholds["modes"]["sketch"]
+    passed = {"auto": {"other": 0, "same": 0}, "export": {"other": 0, "same": 0}}
+    count = {"other": 0, "same": 0}
     queries = [{"sketch": str(p), "top_k": len(photos)} for _, _, p in sketches]
     for (c, _, _), hits in zip(sketches, searcher.query_many(queries, batch_size=64)):
         for h in hits:
-            hit_class = photos[ordinal[h.path]][0]
-            passed = h.score >= t
-            if hit_class == c:
-                same, n_same = same + passed, n_same + 1
-            else:
-                other, n_other = other + passed, n_other + 1
-    return {"threshold": t, "other_class_pass": other / n_other, "same_class_pass": same / n_same}
+            kind = "same" if photos[ordinal[h.path]][0] == c else "other"
+            count[kind] += 1
+            passed["auto"][kind] += h.score >= auto
+            passed["export"][kind] += h.score >= raw
+    return {"threshold": auto, "export_threshold": raw,
+            **{f"{k}_class_pass": passed["auto"][k] / count[k] for k in count},
+            **{f"{k}_class_pass_at_export_threshold": passed["export"][k] / count[k] for k in count}}
 
 
 def cross_validate(searcher, photos, sketches, ordinal) -> dict:
@@ -292,7 +295,10 @@ def markdown(result: dict) -> str:
             a = run["auto_threshold"]
             lines.append(f"- {'edge gallery' if run['edge_gallery'] else 'photos only'}: min_score "
                          f"auto {a['threshold']:.3f} passes {a['other_class_pass']:.2%} of "
-                         f"other-class and {a['same_class_pass']:.2%} of same-class pairs")
+                         f"other-class and {a['same_class_pass']:.2%} of same-class pairs "
+                         f"(the export's {a['export_threshold']:.3f} as it is: "
+                         f"{a['other_class_pass_at_export_threshold']:.2%} / "
+                         f"{a['same_class_pass_at_export_threshold']:.2%})")
         lines.append(f"- {'edge gallery' if run['edge_gallery'] else 'photos only'}: enroll "
                      f"{run['enroll_seconds']} s, index {run['index_bytes'] / 1024:.0f} KiB, "
                      f"{result['sketches']} sketch queries {run['sketch_queries_seconds']} s")
