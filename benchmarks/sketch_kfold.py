@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
-    pairs = read_pairs(args.sketchy)
+    pairs = read_pairs(args.sketchy.resolve())  # the paths sketch_tune keys its cache by
     names = sorted(set(pairs.classes))
     data = dict(item.split("=", 1) for item in args.data)
     rows = []
