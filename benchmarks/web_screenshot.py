@@ -93,12 +93,7 @@ def main(argv=None) -> int:
         # every hit shown (the slider would hide those below the export's threshold)
         drv.execute_script("const s = document.getElementById('min-score'); s.value = '0';"
                            "s.dispatchEvent(new Event('input'));")
-        top_k = drv.find_element(By.ID, "top-k")
-        top_k.clear()
-        top_k.send_keys(str(args.top_k))
-        drv.find_element(By.ID, "text").send_keys(args.text)
-        drv.find_element(By.ID, "search").click()
-        _wait(lambda: "results by text" in status.text, "the text results")
+        _search_text(drv, status, args.top_k, args.text, "results by text")
         _settle(drv, args.top_k)
         args.out.mkdir(parents=True, exist_ok=True)
         drv.save_screenshot(str(args.out / "web_text.png"))
@@ -127,17 +122,24 @@ def _lighten(folder: Path, *names: str) -> None:
         print(f"{path} ({path.stat().st_size // 1024} KB)")
 
 
+def _search_text(drv, status, top_k: int, text: str, want: str) -> None:
+    """Type ``text`` with ``top_k`` results, search, wait until the status says ``want``."""
+    from selenium.webdriver.common.by import By
+
+    box = drv.find_element(By.ID, "top-k")
+    box.clear()
+    box.send_keys(str(top_k))
+    drv.find_element(By.ID, "text").send_keys(text)
+    drv.find_element(By.ID, "search").click()
+    _wait(lambda: want in status.text, "the text results")
+
+
 def _more_like_this(drv, args) -> None:
     from selenium.webdriver.common.by import By
 
     status = drv.find_element(By.ID, "status")
     _wait(lambda: "images" in drv.find_element(By.ID, "gallery-info").text, "the gallery info")
-    top_k = drv.find_element(By.ID, "top-k")
-    top_k.clear()
-    top_k.send_keys(str(args.top_k))
-    drv.find_element(By.ID, "text").send_keys(args.more_like_this)
-    drv.find_element(By.ID, "search").click()
-    _wait(lambda: "by text" in status.text, "the text results")
+    _search_text(drv, status, args.top_k, args.more_like_this, "by text")
     drv.find_elements(By.CSS_SELECTOR, "#results .result .more")[1].click()
     _wait(lambda: "by photo" in status.text, "the more-like-this results")
     drv.execute_script("const s = document.getElementById('min-score'); s.value = arguments[0];"
