@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.sketch_recipes import class_metrics  # noqa: E402
 from models import load_model  # noqa: E402
 from stbir_infer.preprocess import open_image, preprocess  # noqa: E402
 from stbir_train.sketch_pairs import read_pairs  # noqa: E402
@@ -68,17 +69,6 @@ def scores(model, pairs, sketch_weight: float, keep: set[str] | None = None,
     return {k: v.numpy() for k, v in out.items()}, owner
 
 
-def metrics(sims: np.ndarray, owner: np.ndarray, classes: list[str]) -> dict:
-    own = sims[np.arange(len(owner)), owner]
-    rank = (sims > own[:, None]).sum(1) + 1
-    cls = np.array(classes)
-    hits = np.take_along_axis(cls[None, :] == cls[owner][:, None], np.argsort(-sims, 1), 1)
-    ap = (np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1) * hits).sum(1) / hits.sum(1)
-    return {"instance_R@1": float((rank <= 1).mean()), "instance_R@5": float((rank <= 5).mean()),
-            "instance_R@10": float((rank <= 10).mean()), "class_P@1": float(hits[:, 0].mean()),
-            "class_mAP": float(ap.mean()), "queries": int(len(owner))}
-
-
 def evaluate(ckpt: Path, pairs, keep: set[str] | None = None, gallery: tuple | None = None,
              ) -> tuple[dict, np.ndarray]:
     """Score matrices of every mode for the sketches of classes ``keep`` (all: None)."""
@@ -88,7 +78,7 @@ def evaluate(ckpt: Path, pairs, keep: set[str] | None = None, gallery: tuple | N
 
 
 def row(name: str, sims: dict, owner: np.ndarray, classes: list[str], **extra) -> dict:
-    return {"row": name, **extra, "modes": {m: metrics(sims[m], owner, classes) for m in MODES}}
+    return {"row": name, **extra, "modes": {m: class_metrics(sims[m], owner, classes) for m in MODES}}
 
 
 def main(argv=None) -> int:

@@ -53,18 +53,21 @@ def sketchy(root: Path):
     return photos, [p.parent.name for p in photos], sketches, np.array(owner)
 
 
-def scores(q: torch.Tensor, g: torch.Tensor, owner: np.ndarray, classes: list[str]) -> dict:
-    sims = (q @ g.T).numpy()
+def class_metrics(sims: np.ndarray, owner: np.ndarray, classes: list[str]) -> dict:
+    """Sketch queries [Q, G] against the gallery: instance R@k (the photo ``owner`` drew from)
+    and class P@1 / mAP (any photo of the same class); also used by sketch_kfold.py."""
     own = sims[np.arange(len(owner)), owner]
     rank = (sims > own[:, None]).sum(1) + 1
     cls = np.array(classes)
-    same = cls[None, :] == cls[owner][:, None]  # [Q, G] relevant at class level
-    order = np.argsort(-sims, 1)
-    hits = np.take_along_axis(same, order, 1)
-    prec = np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1)
-    ap = (prec * hits).sum(1) / hits.sum(1)
-    return {"instance_R@1": float((rank <= 1).mean()), "instance_R@10": float((rank <= 10).mean()),
-            "class_P@1": float(hits[:, 0].mean()), "class_mAP": float(ap.mean())}
+    hits = np.take_along_axis(cls[None, :] == cls[owner][:, None], np.argsort(-sims, 1), 1)
+    ap = (np.cumsum(hits, 1) / np.arange(1, hits.shape[1] + 1) * hits).sum(1) / hits.sum(1)
+    return {"instance_R@1": float((rank <= 1).mean()), "instance_R@5": float((rank <= 5).mean()),
+            "instance_R@10": float((rank <= 10).mean()), "class_P@1": float(hits[:, 0].mean()),
+            "class_mAP": float(ap.mean()), "queries": int(len(owner))}
+
+
+def scores(q: torch.Tensor, g: torch.Tensor, owner: np.ndarray, classes: list[str]) -> dict:
+    return class_metrics((q @ g.T).numpy(), owner, classes)
 
 
 def main(argv=None) -> int:
