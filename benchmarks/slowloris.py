@@ -61,6 +61,9 @@ class FakeSearcher:
     def min_score_for(self, value, sketch=None, text=None, **_):
         return value
 
+    def score_thresholds(self):
+        return {}
+
 
 def _slow_clients(address, n: int, drip: float, stop: threading.Event, counts: dict) -> None:
     sel = selectors.DefaultSelector()

@@ -254,8 +254,8 @@ class Searcher:
                                         same=sha if q.has_image else None,
                                         sketch=sketches.get(i), edge_weight=share)
                     floor = floors[i]
-                    if floor is not None and q.min_score == AUTO and share and idx.edges:
-                        floor = idx.edges.threshold(idx, floor, share)  # on edge-gallery scores
+                    if floor is not None and q.min_score == AUTO:
+                        floor = self._on_edge_scores(idx, floor, share)
                     out[i] = hits if floor is None else [h for h in hits if h.score >= floor]
                 except QueryError as exc:
                     out[i] = exc
@@ -307,9 +307,15 @@ class Searcher:
         modes = dict((self.fusion.thresholds or {}).get("modes") or {})
         idx = self.current_index()
         for mode, share in (("sketch", self.edge_weight), ("sketch+text", self.fused_edge_weight)):
-            if mode in modes and share and idx is not None and idx.edges is not None:
-                modes[mode] = idx.edges.threshold(idx, modes[mode], share)
+            if mode in modes and idx is not None:
+                modes[mode] = self._on_edge_scores(idx, modes[mode], share)
         return modes
+
+    @staticmethod
+    def _on_edge_scores(idx: GalleryIndex, threshold: float, share: float) -> float:
+        """The export's threshold for photo scores, as it reads on scores that give the edge
+        gallery ``share`` (unchanged without an edge gallery or a share)."""
+        return idx.edges.threshold(idx, threshold, share) if share and idx.edges is not None else threshold
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
                       mode: str | None = None) -> float | None:

@@ -220,9 +220,7 @@ class App:
             # and the export's score threshold per query mode (the page's slider default).
             "limits": {**limits(self.max_top_k), "max_body": self.max_body,
                        "thumbnail_max": THUMB_MAX},
-            "score_thresholds": (self.searcher.score_thresholds()  # edge gallery: mapped
-                                 if hasattr(self.searcher, "score_thresholds") else
-                                 dict((getattr(fusion, "thresholds", None) or {}).get("modes") or {})),
+            "score_thresholds": self.searcher.score_thresholds(),  # edge gallery: mapped
             # Encoder runs so far and the queries they answered (``web.batcher``).
             "batching": {"runs": self._batcher.runs, "queries": self._batcher.answered},
         }, headers={"Cache-Control": "no-store"})

@@ -151,6 +151,9 @@ class FakeSearcher:
     def warm_up(self):
         pass
 
+    def score_thresholds(self):
+        return {}
+
     def current_index(self):
         return self.gallery
 
