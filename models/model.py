@@ -214,6 +214,12 @@ class STBIRModel(nn.Module):
     def encode_sketch(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.sketch(x), dim=-1)
 
+    def encode_sketch_graph(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the exported sketch graph computes: the unit embedding (``encode_sketch``) and
+        the drawing descriptor (``SketchEncoder.with_drawing``), in one pass."""
+        emb, drawing = self.sketch.with_drawing(x)
+        return F.normalize(emb, dim=-1), drawing
+
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.clip.encode_image(x), dim=-1)
 

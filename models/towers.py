@@ -3,6 +3,8 @@ and text towers are open_clip's (``models.model``)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,9 +12,19 @@ from torch import nn
 from models.errors import ModelError
 from models.weights import read_state_dict, strip_module
 
+# The drawing descriptor (issue 27, docs/human-sketches.md): a sketch compared with the line drawing
+# of a photo by the layout of the backbone's mid-level features, not by the projected embedding.
+# Two feature maps (the last at 1/16 of the input, and the last stride-32 block before the final
+# widening), each average-pooled to a DRAWING_GRID x DRAWING_GRID grid, unit-normalised, joined
+# and normalised again: a dot product of two descriptors is the mean of the two maps' cosines.
+# On sketchy-dev25 (human sketches against their photos' pseudo-sketches, real-photo model) it
+# lifts instance R@1 from 0.06 (the embedding) to 0.18 and class P@1 from 0.22 to 0.39.
+DRAWING_GRID = 2
+
 
 class SketchEncoder(nn.Module):
-    """A torchvision CNN on one-channel sketches, projected into the shared space."""
+    """A torchvision CNN on one-channel sketches, projected into the shared space; ``drawing``
+    also gives the layout descriptor the edge gallery compares drawings with."""
 
     SUPPORTED = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small",
                  "mobilenet_v3_large")
@@ -38,9 +50,58 @@ class SketchEncoder(nn.Module):
             net.classifier = nn.Identity()
         self.backbone = net
         self.proj = nn.Linear(width, embed_dim)
+        self.taps = _drawing_taps(net, backbone)
+        self.drawing_dim = DRAWING_GRID ** 2 * sum(_out_channels(m) for m in self.taps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x))
+
+    def with_drawing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the unprojected embedding, the unit drawing descriptor [B, drawing_dim]) in one pass."""
+        maps: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in self.taps]
+        try:
+            emb = self.proj(self.backbone(x))
+        finally:
+            for h in hooks:
+                h.remove()
+        parts = [F.normalize(_grid_pool(f, DRAWING_GRID), dim=-1) for f in maps]
+        # unit parts: dividing by sqrt(count) makes the whole unit (a second normalisation would
+        # put a constant norm in the graph, which static int8 calibration cannot bin)
+        return emb, torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+def _grid_pool(f: torch.Tensor, grid: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(f, grid).flatten(1)`` written with slices: the same cells (start
+    floor(i*H/g), end ceil((i+1)*H/g)), but exportable to ONNX when the map's side is not a
+    multiple of ``grid`` (a 96 px sketch's stride-32 map is 3 x 3)."""
+    h, w = int(f.shape[-2]), int(f.shape[-1])
+    cells = [f[..., i * h // grid:-(-(i + 1) * h // grid), j * w // grid:-(-(j + 1) * w // grid)]
+             .mean(dim=(-2, -1)) for i in range(grid) for j in range(grid)]
+    return torch.stack(cells, dim=-1).flatten(1)
+
+
+def _drawing_taps(net: nn.Module, backbone: str) -> list[nn.Module]:
+    """The modules whose outputs make the drawing descriptor (see DRAWING_GRID)."""
+    if backbone.startswith("resnet"):
+        return [net.layer3, net.layer4]
+    # MobileNets: the last block at stride 16 and features[-3] (the stride-32 block two before
+    # the final 1x1 widening: on MobileNetV2 the 160-channel one, which measured better than the
+    # 320-channel block after it)
+    strides, x, was_training = [], torch.zeros(1, 1, 64, 64), net.training
+    net.eval()  # a probe pass, not a training step: BatchNorm statistics stay as loaded
+    with torch.no_grad():
+        for m in net.features:
+            x = m(x)
+            strides.append(64 // x.shape[-1])
+    net.train(was_training)
+    last16 = max(i for i, s in enumerate(strides) if s == 16)
+    return [net.features[last16], net.features[-3]]
+
+
+def _out_channels(module: nn.Module) -> int:
+    """Channels a torchvision block outputs: those of its last BatchNorm."""
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
 def _to_one_channel(conv: nn.Conv2d) -> nn.Conv2d:

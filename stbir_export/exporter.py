@@ -35,6 +35,7 @@ from stbir_export.tokenizer import write_tokenizer
 from stbir_export.verify import MIN_COSINE, trim_cosine, verify_graph
 from stbir_infer.contract import (
     COMBINER_FORMAT_VERSION,
+    DRAWING_OUTPUT,
     EXPORT_FORMAT,
     EXPORT_FORMAT_VERSION,
     GRAPH_FILES,
@@ -193,6 +194,8 @@ def _build(model, tmp: Path, *, checkpoint: Path, opset: int, quantize: str | No
             int8s[enc] = quantize_tower(
                 model, enc, tmp / name, tmp / entry["int8_file"], calibration, lookup, batch, log)
         entry.update(inputs=graphs.input_specs(model, enc), output=GRAPH_OUTPUT)
+        if enc == "sketch":
+            entry["drawing"] = {"output": DRAWING_OUTPUT, "dim": int(model.sketch.drawing_dim)}
         if enc == "text":
             entry["token_embedding"] = TOKEN_EMBEDDING
             cos = trim_cosine(model, tmp / name, table)

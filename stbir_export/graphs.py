@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stbir_export.errors import ExportError
-from stbir_infer.contract import BRANCHES, GRAPH_OUTPUT
+from stbir_infer.contract import BRANCHES, DRAWING_OUTPUT, GRAPH_OUTPUT
 
 ENCODERS = BRANCHES  # one graph per branch, named by contract.GRAPH_FILES
 # The TorchScript exporter (dynamo=False) is used: the dynamo exporter needs onnxscript, and the
@@ -58,6 +58,11 @@ def input_specs(model, encoder: str) -> list[dict]:
              "dtype": "float32"}]
 
 
+def output_names(encoder: str) -> list[str]:
+    """The graph's outputs: the embedding; the sketch graph also gives the drawing descriptor."""
+    return [GRAPH_OUTPUT, DRAWING_OUTPUT] if encoder == "sketch" else [GRAPH_OUTPUT]
+
+
 def example_inputs(model, encoder: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
     """Tracing inputs; a batch of 2 so nothing batch-sized gets baked in as a constant 1."""
     g = torch.Generator().manual_seed(0)
@@ -76,10 +81,12 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
     """Trace one encoder into an (unsimplified) ONNX model."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported (choose {MIN_OPSET}..{MAX_OPSET})")
-    module = _Encoder(model, f"encode_{encoder}" if encoder != "text" else "encode_text_graph")
+    module = _Encoder(model, {"sketch": "encode_sketch_graph", "image": "encode_image",
+                              "text": "encode_text_graph"}[encoder])
     module.eval()
     names = input_names(model, encoder)
-    axes = {n: {0: "batch"} for n in names + [GRAPH_OUTPUT]}
+    outputs = output_names(encoder)
+    axes = {n: {0: "batch"} for n in names + outputs}
     if encoder == "text":  # any token count up to the context length (models.causal_text)
         axes["token_embeddings"][1] = "tokens"
         if model.hf_text:
@@ -93,7 +100,7 @@ def export_raw(model, encoder: str, opset: int) -> onnx.ModelProto:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example_inputs(model, encoder), buf, dynamo=False,
-                              opset_version=opset, input_names=names, output_names=[GRAPH_OUTPUT],
+                              opset_version=opset, input_names=names, output_names=outputs,
                               dynamic_axes=axes,
                               do_constant_folding=True)
     finally:

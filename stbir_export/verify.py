@@ -16,6 +16,7 @@ import torch
 
 from models.scoped import quiet_logs
 from stbir_export.errors import ExportError
+from stbir_infer.contract import DRAWING_OUTPUT
 
 MIN_COSINE = 0.99999
 MAX_ABS_DIFF = 1e-4
@@ -92,15 +93,22 @@ def session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run(sess, feeds: dict) -> np.ndarray:
-    return sess.run(None, feeds)[0]
+def run(sess, feeds: dict, output: str | None = None) -> np.ndarray:
+    """The graph's first output, or the one named ``output``."""
+    return sess.run(None if output is None else [output], feeds)[0]
 
 
 def verify_graph(model, encoder: str, path: Path, table: np.ndarray | None, batch: int) -> dict:
-    """Compare onnxruntime and ReferenceEvaluator with torch; raise ExportError out of bounds."""
+    """Compare onnxruntime and ReferenceEvaluator with torch; raise ExportError out of bounds.
+    The sketch graph's drawing descriptor is checked the same way (under ``drawing``)."""
     inputs = verification_batch(model, encoder, batch)
-    want = torch_embeddings(model, encoder, inputs)
-    return parity(path, onnx_feeds(encoder, inputs, table), want, f"{encoder} encoder")
+    feeds = onnx_feeds(encoder, inputs, table)
+    result = parity(path, feeds, torch_embeddings(model, encoder, inputs), f"{encoder} encoder")
+    if encoder == "sketch":
+        with torch.no_grad():
+            want = model.encode_sketch_graph(inputs["pixels"])[1].numpy()
+        result["drawing"] = parity(path, feeds, want, "sketch drawing descriptor", DRAWING_OUTPUT)
+    return result
 
 
 def trim_cosine(model, path: Path, table: np.ndarray) -> float:
@@ -121,16 +129,17 @@ def trim_cosine(model, path: Path, table: np.ndarray) -> float:
     return worst
 
 
-def parity(path: Path, feeds: dict, want: np.ndarray, what: str) -> dict:
+def parity(path: Path, feeds: dict, want: np.ndarray, what: str, output: str | None = None) -> dict:
     """The graph at ``path`` in onnxruntime (the feeds' batch and batch 1) and ReferenceEvaluator
-    against torch's ``want``; raise ExportError naming ``what`` out of bounds."""
+    against torch's ``want`` (its first output, or ``output``); raise ExportError naming ``what``
+    out of bounds."""
     from onnx.reference import ReferenceEvaluator
 
     batch = len(want)
     sess = session(path)
-    full = compare(run(sess, feeds), want)
-    one = compare(run(sess, {k: v[:1] for k, v in feeds.items()}), want[:1])
-    ref = compare(ReferenceEvaluator(str(path)).run(None, feeds)[0], want)
+    full = compare(run(sess, feeds, output), want)
+    one = compare(run(sess, {k: v[:1] for k, v in feeds.items()}, output), want[:1])
+    ref = compare(run(ReferenceEvaluator(str(path)), feeds, output), want)
     result = {"min_cosine": min(full[0], one[0]), "max_abs_diff": max(full[1], one[1]),
               "reference_min_cosine": ref[0], "reference_max_abs_diff": ref[1],
               "batch_sizes": [1, batch]}

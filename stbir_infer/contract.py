@@ -32,6 +32,9 @@ MANIFEST = "export.json"
 TOKEN_EMBEDDING = "token_embedding.npy"
 GRAPH_FILES = {branch: f"{branch}_encoder.onnx" for branch in BRANCHES}
 GRAPH_OUTPUT = "embedding"
+# The sketch graph's second output: the drawing descriptor the edge gallery compares drawings
+# with (models.towers.DRAWING_GRID); export.json's encoders.sketch.drawing names it and its size.
+DRAWING_OUTPUT = "drawing"
 # Keys every export.json has (docs/ARCHITECTURE.md lists what each means).
 MANIFEST_KEYS = ("format", "format_version", "embed_dim", "fusion_weight", "encoders", "tokenizer",
                  "files", "fingerprint")
@@ -111,7 +114,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, **kw) -> Path:
 
 __all__ = [
     "BRANCHES", "COMBINER_FILE", "COMBINER_FORMAT_VERSION", "COMBINER_INPUTS", "EXPORT_FORMAT",
-    "EXPORT_FORMAT_VERSION", "FUSION_METHODS", "GRAPH_FILES", "GRAPH_OUTPUT",
+    "EXPORT_FORMAT_VERSION", "FUSION_METHODS", "GRAPH_FILES", "GRAPH_OUTPUT", "DRAWING_OUTPUT",
     "HNSW_EF_CONSTRUCTION", "HNSW_EF_SEARCH", "HNSW_M", "HNSW_SPACE", "MANIFEST", "MANIFEST_KEYS",
     "QUERY_NEEDS_INPUT", "SUPPORTED_EXPORT_VERSIONS", "TOKEN_EMBEDDING", "atomic_write",
     "atomic_write_text", "embedding_space", "file_sha256", "fingerprint", "fsync_dir",

@@ -48,6 +48,10 @@ def test_manifest_follows_the_contract(exported, small_model):
     for name in ("sketch", "image", "text"):
         assert set(manifest["verification"][name]) >= {"min_cosine", "max_abs_diff",
                                                        "reference_min_cosine"}
+    # the sketch graph's second output, verified against torch like the embedding
+    assert enc["sketch"]["drawing"] == {"output": "drawing", "dim": small_model.sketch.drawing_dim}
+    assert "drawing" not in enc["image"] and "drawing" not in enc["text"]
+    assert manifest["verification"]["sketch"]["drawing"]["min_cosine"] >= verify.MIN_COSINE
 
 
 def test_hashes_and_fingerprint_match_the_files(exported, small_checkpoint):

@@ -22,6 +22,42 @@ def test_small_preset_outputs_unit_vectors_in_one_space():
         assert torch.allclose(v.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone, taps, dim", [
+    ("resnet18", ("layer3", "layer4"), 4 * (256 + 512)),
+    ("mobilenet_v2", ("features.13", "features.16"), 4 * (96 + 160)),  # stride 16, 32 (160 ch)
+    ("mobilenet_v3_small", ("features.8", "features.10"), 4 * (48 + 96)),
+])
+def test_the_drawing_descriptor_taps_two_mid_level_maps(backbone, taps, dim):
+    """The sketch tower's drawing descriptor: a stride-16 and a stride-32 feature map, each
+    pooled to a 2x2 grid and unit-normalised, joined: one pass with the embedding, unit length,
+    and a dot product of two descriptors is the mean of the two maps' cosines."""
+    import torch.nn.functional as F
+
+    from models.towers import DRAWING_GRID, SketchEncoder
+
+    torch.manual_seed(0)
+    enc = SketchEncoder(backbone, 32).eval()
+    names = {m: n for n, m in enc.backbone.named_modules()}
+    assert tuple(names[m] for m in enc.taps) == taps and enc.drawing_dim == dim
+    # the probe pass that finds the strides ran in eval mode: BatchNorm statistics untouched
+    assert all(float(m.running_mean.abs().max()) == 0 for m in enc.modules()
+               if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(3, 1, 96, 96)
+    with torch.no_grad():
+        emb, drawing = enc.with_drawing(x)
+        assert torch.allclose(emb, enc(x), atol=1e-6) and drawing.shape == (3, dim)
+        assert torch.allclose(drawing.norm(dim=-1), torch.ones(3), atol=1e-5)
+        maps = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: maps.append(out)) for m in enc.taps]
+        enc(x)
+        for h in hooks:
+            h.remove()
+    parts = [F.normalize(F.adaptive_avg_pool2d(f, DRAWING_GRID).flatten(1), dim=-1) for f in maps]
+    want = sum(p[0] @ p[1] for p in parts) / 2
+    assert float(drawing[0] @ drawing[1]) == pytest.approx(float(want), abs=1e-5)
+    assert not any(enc._forward_hooks for enc in enc.taps)  # with_drawing removed its hooks
+
+
 @pytest.mark.parametrize("spec, message", [
     (dict(pretrained="/no/such/weights.pt"), "pretrained: weights file /no/such/weights.pt does not exist"),
     (dict(pretrained="laion2b"), "is not an open_clip tag for stbir-small"),
