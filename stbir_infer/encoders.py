@@ -76,6 +76,12 @@ class Encoders:
         return self.manifest["encoders"][branch]["preprocess"]
 
     @property
+    def drawing_dim(self) -> int:
+        """Size of the sketch graph's drawing descriptor (0: an export from before it)."""
+        drawing = self.manifest["encoders"]["sketch"].get("drawing")
+        return int(drawing["dim"]) if drawing else 0
+
+    @property
     def clip_model(self) -> str | None:
         return self.manifest.get("clip_model")
 
@@ -133,19 +139,27 @@ class Encoders:
         data = self.read_verified(self._graph_name(branch))  # checked bytes, never re-read
         return open_session(data, self.session_settings, label=str(self.graph_file(branch)))
 
-    def _run(self, branch: str, feeds: dict) -> np.ndarray:
+    def _run(self, branch: str, feeds: dict, drawing: bool = False) -> np.ndarray:
+        """The graph's embeddings [B, D]; with ``drawing`` (the sketch graph) each row followed
+        by its drawing descriptor: [B, D + drawing_dim]."""
         enc = self.manifest["encoders"][branch]
         sess = self.session(branch)
+        names = [enc.get("output", GRAPH_OUTPUT)] + ([enc["drawing"]["output"]] if drawing else [])
+        width = self.embed_dim + (self.drawing_dim if drawing else 0)
         try:
-            out = np.asarray(sess.run([enc.get("output", GRAPH_OUTPUT)], feeds)[0], np.float32)
+            outs = [np.asarray(o, np.float32) for o in sess.run(names, feeds)]
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types: a graph that does not
             # take what export.json says it takes (an edited or mismatched export)
             raise ExportDirError(f"{self.graph_file(branch)}: onnxruntime could not run it "
                                  f"({first_line(exc)})") from None
         batch = len(next(iter(feeds.values())))
-        if out.shape != (batch, self.embed_dim):
+        if any(o.ndim != 2 or len(o) != batch for o in outs):  # [B, 1, D] is not [B, D]
+            raise ExportDirError(f"{self.graph_file(branch)}: output shapes {[o.shape for o in outs]}, "
+                                 f"expected ({batch}, {width}) in all")
+        out = np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+        if out.shape != (batch, width):
             raise ExportDirError(f"{self.graph_file(branch)}: output shape {out.shape}, expected "
-                                 f"({batch}, {self.embed_dim})")
+                                 f"({batch}, {width})")
         finite = np.isfinite(out).all(axis=1)
         if not finite.all():
             rows = np.flatnonzero(~finite).tolist()
@@ -164,6 +178,16 @@ class Encoders:
             return np.zeros((0, self.embed_dim), np.float32)
         name = self.manifest["encoders"][branch]["inputs"][0]["name"]
         return self._run(branch, {name: pixels})
+
+    def encode_sketch_drawings(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed sketches [B, 1, S, S] -> [B, D + drawing_dim]: each unit embedding
+        followed by its drawing descriptor (the edge gallery's rows, ``stbir_infer.edge_gallery``);
+        an export without a drawing output gives the embeddings alone."""
+        pixels = np.ascontiguousarray(pixels, np.float32)
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.embed_dim + self.drawing_dim), np.float32)
+        name = self.manifest["encoders"]["sketch"]["inputs"][0]["name"]
+        return self._run("sketch", {name: pixels}, drawing=self.drawing_dim > 0)
 
     def preprocess(self, branch: str, images: Iterable) -> np.ndarray:
         """Paths / PIL images -> float32 [B, C, S, S]; raises ImageDecodeError on a bad file."""

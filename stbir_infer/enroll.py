@@ -84,7 +84,7 @@ def open_or_create(encoders: Encoders, index_dir: Path, *, M: int | None = None,
     params = HnswParams.with_defaults(M, ef_construction, ef_search)
     idx = GalleryIndex.create(dim=encoders.embed_dim, model=model, params=params)
     if _edge.DEFAULT_ON if edge_gallery is None else edge_gallery:
-        idx.edges = _edge.EdgeVectors(idx.dim)
+        idx.edges = _edge.EdgeVectors(idx.dim, drawing_dim=encoders.drawing_dim)
     if threads:
         idx.hnsw.set_num_threads(int(threads))
     return idx

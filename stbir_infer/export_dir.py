@@ -35,6 +35,7 @@ from stbir_infer.tokenizer import DEFAULT_BPE_FILE
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 TAMPERED = "sha256 does not match export.json; the export is corrupted or was modified"
 MAX_EMBED_DIM = 65536
+MAX_DRAWING_DIM = 65536  # the sketch graph's drawing descriptor (a resnet50: 4 x 3,072)
 MAX_CONTEXT_LENGTH = 4096   # far past any text tower's (CLIP 77, BERT 512)
 MAX_TOKEN_ID = 2**31 - 1
 
@@ -186,6 +187,13 @@ def read_export_manifest(model_dir: str | Path) -> dict:
             raise ExportDirError(f"{path}: encoders.{branch}.preprocess is missing")
         if not export_path(model_dir, enc["file"]).is_file():
             raise ExportDirError(f"{model_dir}: {enc['file']} is missing")
+    drawing = manifest["encoders"]["sketch"].get("drawing")
+    if drawing is not None and not (  # optional: exports before issue 27 have none
+            isinstance(drawing, dict) and set(drawing) == {"output", "dim"}
+            and isinstance(drawing["output"], str) and drawing["output"]
+            and type(drawing["dim"]) is int and 0 < drawing["dim"] <= MAX_DRAWING_DIM):
+        raise ExportDirError(f"{path}: encoders.sketch.drawing must be {{output: a name, dim: "
+                             f"1..{MAX_DRAWING_DIM}}}")
     if not export_path(model_dir, manifest["encoders"]["text"].get("token_embedding",
                                                                   TOKEN_EMBEDDING)).is_file():
         raise ExportDirError(f"{model_dir}: token embedding table is missing")

@@ -261,7 +261,8 @@ def reindex(index_dir: str | Path, model_dir: str | Path, *, batch_size: int = 3
         if threads:
             graph.set_num_threads(int(threads))
         dropped: list[int] = []
-        edges = None if idx.edges is None else edge_gallery.EdgeVectors(idx.dim)
+        edges = (None if idx.edges is None
+                 else edge_gallery.EdgeVectors(idx.dim, drawing_dim=encoders.drawing_dim))
         sketch_spec = None if edges is None else encoders.spec("sketch")
         # enroll's decode pipeline: (content, its files) pairs, decoded ahead on worker threads
         batches = ([(idx.items[label], [_File(p) for p in idx.paths.get(label, [])])

@@ -69,7 +69,8 @@ class Searcher:
     ``provider``: onnxruntime execution provider (``cpu``, ``cuda``...; ``stbir_infer.session``).
     ``edge_weight``: the share of the edge gallery in a sketch-only query's score, where the
     index has one (``stbir_infer.edge_gallery``; None: its default, 0: photo vectors only);
-    ``fused_edge_weight``: the same for a sketch+text query (default 0: as without it).
+    ``fused_edge_weight``: the same for a sketch+text query (None: its default, 0: the fused
+    vector against photo vectors only).
     An index built with another export is refused (ModelMismatchError) here, not at first query.
 
     A long-lived Searcher (the web server) follows new generations as writers commit them; one
@@ -81,10 +82,11 @@ class Searcher:
                  ef_search: int | None = None, M: int | None = None,
                  ef_construction: int | None = None, precision: str = "fp32",
                  provider: str = DEFAULT_PROVIDER, edge_weight: float | None = None,
-                 fused_edge_weight: float = 0.0):
+                 fused_edge_weight: float | None = None):
         self.threads = _positive_or_none("threads", threads)
         self.edge_weight = edge_gallery.check_weight(edge_weight)
-        self.fused_edge_weight = edge_gallery.check_weight(fused_edge_weight)
+        self.fused_edge_weight = edge_gallery.check_weight(fused_edge_weight,
+                                                           edge_gallery.DEFAULT_FUSED_WEIGHT)
         self.ef_search = _positive_or_none("ef_search", ef_search)
         if (self.ef_search or 0) > MAX_EF:  # hnswlib's set_ef overflowed on 1e23
             raise ParameterError(f"ef_search must be at most {MAX_EF}, not {self.ef_search}")
@@ -238,21 +240,25 @@ class Searcher:
                     idx.labels_where(q.where)  # an unknown key fails before any encoding
             except QueryError as exc:
                 out[i] = exc
-        sketches = self._encode_many(specs, "sketch", out, batch_size)
+        # a sketch's row: its embedding, then (for the edge gallery) its drawing descriptor
+        sketches = self._encode_many(specs, "sketch", out, batch_size,
+                                     drawing=edge_gallery.uses_drawing(idx, self.encoders))
         images = self._encode_many(specs, "image", out, batch_size)
         texts = self._encode_many(specs, "text", out, batch_size)
+        dim = self.encoders.embed_dim
         for i, q in specs.items():
             if out[i] is None:
                 try:
                     image, sha = images.get(i, (None, None))
                     if q.like is not None:
                         image, sha = self._stored(idx, q.like)
-                    vector = self.fusion.query(sketches.get(i), texts.get(i), image,
-                                               q.sketch_weight, q.image_weight)
+                    row = sketches.get(i)
+                    vector = self.fusion.query(None if row is None else row[:dim], texts.get(i),
+                                               image, q.sketch_weight, q.image_weight)
                     share = edge_gallery.share(q, self.edge_weight, self.fused_edge_weight)
                     hits = self._search(idx, vector, q.top_k, q.where,
                                         same=sha if q.has_image else None,
-                                        sketch=sketches.get(i), edge_weight=share)
+                                        sketch=row, edge_weight=share)
                     floor = floors[i]
                     if floor is not None and q.min_score == AUTO:
                         floor = self._on_edge_scores(idx, floor, share)
@@ -267,10 +273,12 @@ class Searcher:
             raise QueryError(f"like: no photo with id {label} in the index")
         return np.asarray(idx.hnsw.get_items([label]), np.float32)[0], idx.items[label]
 
-    def _encode_many(self, specs: dict, branch: str, out: list, batch_size: int) -> dict:
+    def _encode_many(self, specs: dict, branch: str, out: list, batch_size: int, *,
+                     drawing: bool = False) -> dict:
         """{query number: vector} for the queries that have a ``branch`` input (for ``image``:
-        (vector, sha256 of the file or None)), encoded in batches; a query whose input cannot
-        be read or encoded gets its QueryError in ``out``."""
+        (vector, sha256 of the file or None); for ``sketch`` with ``drawing``: the embedding
+        followed by the drawing descriptor, ``Encoders.encode_sketch_drawings``), encoded in
+        batches; a query whose input cannot be read or encoded gets its QueryError in ``out``."""
         todo = [(i, getattr(q, branch)) for i, q in specs.items()
                 if getattr(q, branch) is not None and out[i] is None]
         vectors: dict[int, np.ndarray] = {}
@@ -289,8 +297,12 @@ class Searcher:
             part = todo[start:start + batch_size]
             inputs = [x for _, x in part]
             try:
-                got = (self.encoders.text(inputs) if branch == "text"
-                       else self.encoders.encode_pixels(branch, np.stack(inputs)))
+                if branch == "text":
+                    got = self.encoders.text(inputs)
+                elif drawing:
+                    got = self.encoders.encode_sketch_drawings(np.stack(inputs))
+                else:
+                    got = self.encoders.encode_pixels(branch, np.stack(inputs))
                 bad = set()
             except NonFiniteEmbeddingError as exc:
                 got, bad = exc.vectors, set(exc.rows)
@@ -311,11 +323,12 @@ class Searcher:
                 modes[mode] = self._on_edge_scores(idx, modes[mode], share)
         return modes
 
-    @staticmethod
-    def _on_edge_scores(idx: GalleryIndex, threshold: float, share: float) -> float:
+    def _on_edge_scores(self, idx: GalleryIndex, threshold: float, share: float) -> float:
         """The export's threshold for photo scores, as it reads on scores that give the edge
         gallery ``share`` (unchanged without an edge gallery or a share)."""
-        return idx.edges.threshold(idx, threshold, share) if share and idx.edges is not None else threshold
+        if not share or idx.edges is None:
+            return threshold
+        return idx.edges.threshold(idx, threshold, share, edge_gallery.uses_drawing(idx, self.encoders))
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
                       mode: str | None = None) -> float | None:
@@ -353,8 +366,9 @@ class Searcher:
         ef = self.ef_search or idx.params.ef_search
         with self._lock:  # hnswlib's ef is index-wide state
             if sketch is not None and idx.edges is not None and edge_weight > 0:
-                found = edge_gallery.search(idx, vector, sketch, top_k, weight=edge_weight,
-                                            ef=ef, allowed=allowed)
+                found = edge_gallery.search(idx, vector, sketch, top_k, weight=edge_weight, ef=ef,
+                                            allowed=allowed,
+                                            drawing=edge_gallery.uses_drawing(idx, self.encoders))
             else:
                 found = idx.search(vector, top_k, ef=ef, allowed=allowed)
         return hits_of(idx, found, where, same)

@@ -54,6 +54,15 @@ def test_runtime_embeddings_equal_the_torch_model(encoders, torch_model, tmp_pat
         assert np.allclose(np.linalg.norm(a, axis=1), 1, atol=1e-5)
         assert (a * b).sum(1).min() >= MIN_COSINE, branch
         assert np.abs(a - b).max() <= MAX_ABS, branch
+    # The sketch graph's drawing descriptor, after the embedding in each row.
+    pixels = encoders.preprocess("sketch", sketches)
+    rows = encoders.encode_sketch_drawings(pixels)
+    with torch.no_grad():
+        t_emb, t_drawing = torch_model.encode_sketch_graph(torch.from_numpy(pixels))
+    dim = encoders.embed_dim
+    assert rows.shape == (len(sketches), dim + encoders.drawing_dim) and encoders.drawing_dim > 0
+    assert np.abs(rows[:, :dim] - got["sketch"]).max() <= MAX_ABS
+    assert np.abs(rows[:, dim:] - t_drawing.numpy()).max() <= MAX_ABS
     # Fusion: the export's weight, as the torch model fuses at query time.
     fusion = Fusion(encoders)
     with torch.no_grad():
@@ -64,6 +73,32 @@ def test_runtime_embeddings_equal_the_torch_model(encoders, torch_model, tmp_pat
     assert np.array_equal(fusion.combine(None, got["text"][0]), got["text"][0])
     with pytest.raises(QueryError):
         fusion.combine(None, None)
+
+
+@pytest.mark.parametrize("drawing", [None, {"output": "drawing"}, {"output": "drawing", "dim": 0},
+                                     {"output": "drawing", "dim": "1024"}, {"output": "", "dim": 8},
+                                     {"output": "drawing", "dim": 10**9}, [1, 2]])
+def test_the_drawing_entry_is_optional_and_checked(tmp_path, export_dir, drawing):
+    """An export from before the drawing descriptor (no entry) runs its sketch graph for the
+    embedding alone; a malformed entry is one clear ExportDirError."""
+    q = tmp_path / "q"
+    shutil.copytree(export_dir, q)
+    manifest = json.loads((q / "export.json").read_text())
+    if drawing is None:
+        del manifest["encoders"]["sketch"]["drawing"]
+    else:
+        manifest["encoders"]["sketch"]["drawing"] = drawing
+    (q / "export.json").write_text(json.dumps(manifest))
+    if drawing is not None:
+        with pytest.raises(ExportDirError, match="encoders.sketch.drawing"):
+            Encoders(q)
+        return
+    old, new = Encoders(q), Encoders(export_dir)
+    assert old.drawing_dim == 0 and new.drawing_dim > 0
+    pixels = old.preprocess("sketch", [Image.new("L", (64, 64), 255)])
+    rows = old.encode_sketch_drawings(pixels)
+    assert rows.shape == (1, old.embed_dim)
+    assert np.allclose(rows, new.encode_sketch_drawings(pixels)[:, :new.embed_dim], atol=1e-6)
 
 
 def test_export_dir_errors(tmp_path, export_dir):
