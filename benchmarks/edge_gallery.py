@@ -8,7 +8,8 @@
 2. Query: sketch-only queries (sketchy-dev25 sketches) through ``Searcher.query`` (top 10) on both
    indexes, in alternating blocks (``common.measure_alternating``): p50 / p95 ms.
 3. Search alone at scale: a GalleryIndex of ``--scale`` random unit vectors (the export's
-   embed_dim) with and without edge vectors; ``GalleryIndex.search`` against
+   embed_dim, edge rows of embed_dim + the drawing descriptor's size) with and without the edge
+   gallery; ``GalleryIndex.search`` against
    ``edge_gallery.search`` (hnswlib top-100 + the exact edge scores + rescoring) for one vector.
 
 Writes benchmarks/results/edge_gallery.json and prints the tables.
@@ -90,7 +91,10 @@ def query_latency(args, enrolled: dict) -> dict:
                                       warmup=5)
 
 
-def search_at_scale(args, dim: int) -> dict:
+def search_at_scale(args, dim: int, drawing_dim: int) -> dict:
+    """Search alone over random unit vectors: the photo vectors and the edge rows (an embedding
+    and, where the export has one, a drawing descriptor of the export's size), scored as the
+    Searcher scores them."""
     import numpy as np
 
     from stbir_infer import edge_gallery
@@ -98,34 +102,36 @@ def search_at_scale(args, dim: int) -> dict:
 
     rng = np.random.default_rng(0)
 
-    def unit(n):
-        v = rng.standard_normal((n, dim)).astype(np.float32)
+    def unit(n, d=dim):
+        v = rng.standard_normal((n, d)).astype(np.float32)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
-    photos, edges = unit(args.scale), unit(args.scale)
+    photos = unit(args.scale)
+    edges = np.concatenate([unit(args.scale)] + ([unit(args.scale, drawing_dim)] if drawing_dim else []), 1)
     shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(args.scale)]
     idx = GalleryIndex.create(dim=dim, model={"fingerprint": "x", "embed_dim": dim})
-    idx.edges = edge_gallery.EdgeVectors(dim)
+    idx.edges = edge_gallery.EdgeVectors(dim, drawing_dim=drawing_dim)
     idx.hnsw.set_num_threads(args.threads)
     t0 = time.perf_counter()
     idx.add_vectors(photos, shas, edges)
     build = time.perf_counter() - t0
-    queries = unit(64)
+    queries = np.concatenate([unit(64)] + ([unit(64, drawing_dim)] if drawing_dim else []), 1)
     state = {"i": 0}
 
     def plain():
         state["i"] += 1
-        idx.search(queries[state["i"] % 64], 10, ef=64)
+        idx.search(queries[state["i"] % 64, :dim], 10, ef=64)
 
     def with_edges():
         state["i"] += 1
         q = queries[state["i"] % 64]
-        edge_gallery.search(idx, q, q, 10, weight=0.8, ef=64)
+        edge_gallery.search(idx, q[:dim], q, 10, weight=edge_gallery.DEFAULT_WEIGHT, ef=64,
+                            drawing=drawing_dim > 0)
 
     timed = common.measure_alternating({"photo vectors (hnswlib)": plain,
                                         "photo + edge vectors": with_edges},
                                        repeats=args.repeats, warmup=5)
-    return {"vectors": args.scale, "dim": dim, "build_seconds": round(build, 1),
+    return {"vectors": args.scale, "dim": dim, "drawing_dim": drawing_dim, "build_seconds": round(build, 1),
             "edge_bytes": int(edges.nbytes), "timings": timed}
 
 
@@ -140,7 +146,8 @@ def markdown(r: dict) -> str:
         f"### Edge gallery cost ({r['export']})", "",
         common.md_table(["index", "photos", "enroll s", "ms / photo", "index KiB",
                          "sketch query p50 ms", "p95 ms"], rows), "",
-        f"Search alone, {s['vectors']:,} vectors of {s['dim']} dims (edge vectors: "
+        f"Search alone, {s['vectors']:,} vectors of {s['dim']} dims, edge rows of "
+        f"{s['dim']} + {s.get('drawing_dim', 0)} (drawing descriptor) dims ("
         f"{s['edge_bytes'] / 2**20:.1f} MiB in memory and on disk), top 10, ef 64:", "",
         common.md_table(["search", "p50 ms", "p95 ms"], srows)])
 
@@ -166,7 +173,8 @@ def main(argv=None) -> int:
     from stbir_infer.encoders import Encoders
 
     common.log(f"search alone at {args.scale} vectors")
-    result["scale"] = search_at_scale(args, Encoders(args.export).embed_dim)
+    encoders = Encoders(args.export)
+    result["scale"] = search_at_scale(args, encoders.embed_dim, encoders.drawing_dim)
     common.finish("edge_gallery", result, args.out, markdown(result), t0)
     return 0
 

@@ -15,8 +15,9 @@ of the project has seen these sketches.
   among the 3-5 of its class) -- beside the text-only row (the same text, no sketch) it says
   what the drawing adds to the class name;
 - chance for each (a random ranking; for sketch+text also a random pick within the class);
-- with ``--edge-gallery on`` the index also holds each photo's pseudo-sketch vector
-  (``stbir_infer.edge_gallery``) and sketch queries score against both. The edge weight is
+- with ``--edge-gallery on`` the index also holds each photo's pseudo-sketch row
+  (``stbir_infer.edge_gallery``: the sketch graph's drawing descriptor where the export has one,
+  else its embedding) and sketch queries score against both. The edge weight is
   chosen by 5-fold cross-validation over the classes (picked on 20 classes' queries, reported on
   the other 5), so no reported edge row was tuned on its own queries; the runtime's default
   weight is reported as its own row;
@@ -205,7 +206,7 @@ def cross_validate(searcher, photos, sketches, ordinal) -> dict:
     """Edge weights picked on 4 folds of classes (class P@1 + instance R@1 on the GRID), then the
     5th fold's queries answered through the runtime at that weight; the held-out rows of all 5
     folds pooled. ``sketch``: the sketch-only weight (``edge_weight``); ``sketch+text``: the
-    weight of a fused query (``fused_edge_weight``, off by default in the runtime)."""
+    weight of a fused query (``fused_edge_weight``)."""
     from stbir_infer import Searcher
 
     n = len(photos)
