@@ -9,9 +9,11 @@
 Every sketchy-dev25 sketch (625) queries a gallery of its 119 photos, scored in torch (the
 towers the export converts): against the image vectors (``image``), the sketch tower's vectors
 of the photos' edge-gallery drawings (``edge``, ``stbir_infer.edges.gallery_sketch``) and their
-mean (``image+edge``); ``text`` ("a photo of a <class>") and ``sketch+text`` (the unit mean of
-the two vectors at the checkpoint's validated sketch weight, against the image vectors). Instance
-R@1/5/10 (the photo the sketch was drawn from), class P@1 and mAP (any photo of its class).
+mean (``image+edge``), the drawing descriptors of sketch and edge drawing (``drawing``: what the
+runtime's edge gallery ranks a sketch alone by, at its default weight 1.0); ``text`` ("a photo
+of a <class>") and ``sketch+text`` (the unit mean of the two vectors at the checkpoint's
+validated sketch weight, against the image vectors). Instance R@1/5/10 (the photo the sketch
+was drawn from), class P@1 and mAP (any photo of its class).
 
 Rows: each ``--baseline`` and the checkpoint as they are; ``stbir-train sketch-tune``
 (``stbir_train.sketch_tune``) on each ``--data`` folder's pseudo-sketches only (zero-shot: no
@@ -42,7 +44,7 @@ from stbir_infer.preprocess import open_image, preprocess  # noqa: E402
 from stbir_train.sketch_pairs import read_pairs  # noqa: E402
 from stbir_train.sketch_tune import targets, tune, tune_config  # noqa: E402
 
-MODES = ("image", "edge", "image+edge", "text", "sketch+text")
+MODES = ("image", "edge", "image+edge", "drawing", "text", "sketch+text")
 
 
 @torch.no_grad()
@@ -53,18 +55,21 @@ def scores(model, pairs, sketch_weight: float, keep: set[str] | None = None,
     drawings when already computed (a tuned checkpoint keeps its base's image tower)."""
     spec = model.input_specs()["sketch"]
     image, edge_px = gallery or targets(model, pairs)
-    edge = torch.cat([model.encode_sketch(edge_px[i:i + 64]) for i in range(0, len(edge_px), 64)])
+    edge, edge_draw = (torch.cat(t) for t in zip(*(model.encode_sketch_graph(edge_px[i:i + 64])
+                                                   for i in range(0, len(edge_px), 64))))
     paths = [(i, s) for i, ss in enumerate(pairs.sketches) for s in ss
              if keep is None or pairs.classes[i] in keep]
     owner = np.array([i for i, _ in paths])
     px = torch.from_numpy(np.stack([preprocess(open_image(s, 1), spec) for _, s in paths]))
-    sk = torch.cat([model.encode_sketch(px[i:i + 64]) for i in range(0, len(px), 64)])
+    sk, sk_draw = (torch.cat(t) for t in zip(*(model.encode_sketch_graph(px[i:i + 64])
+                                               for i in range(0, len(px), 64))))
     names = sorted(set(pairs.classes))
     text = model.encode_text(model.tokenizer()([f"a photo of a {c.replace('_', ' ')}" for c in names]))
     t = text[[names.index(pairs.classes[i]) for i in owner]]
     fused = torch.nn.functional.normalize(sketch_weight * sk + (1 - sketch_weight) * t, dim=-1)
     si, se = sk @ image.T, sk @ edge.T
-    out = {"image": si, "edge": se, "image+edge": (si + se) / 2, "text": t @ image.T,
+    out = {"image": si, "edge": se, "image+edge": (si + se) / 2, "drawing": sk_draw @ edge_draw.T,
+           "text": t @ image.T,
            "sketch+text": fused @ image.T}
     return {k: v.numpy() for k, v in out.items()}, owner
 
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--edge", type=float, default=0.5, help="loss weight of sketch <-> edge drawing")
+    ap.add_argument("--drawing", type=float, default=0.0,
+                    help="loss weight of the drawing descriptors of sketch <-> edge drawing")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--weight", type=float, default=0.25, help="real pairs' share of a batch")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sketch_kfold.json"))
@@ -115,7 +122,8 @@ def main(argv=None) -> int:
     rows.append(row("checkpoint as is", *evaluate(args.checkpoint, pairs, gallery=gallery), pairs.classes,
                     checkpoint=str(args.checkpoint)))
     base = {"checkpoint": str(args.checkpoint.resolve()), "steps": args.steps, "limit": args.limit,
-            "batch_size": args.batch_size, "lr": args.lr, "loss": {"image": 1.0, "edge": args.edge}}
+            "batch_size": args.batch_size, "lr": args.lr,
+            "loss": {"image": 1.0, "edge": args.edge, "drawing": args.drawing}}
     with tempfile.TemporaryDirectory(prefix="sketch_kfold_") as tmp:
         for name, folder in data.items():
             cfg = tune_config({**base, "data": str(Path(folder).resolve()), "out": f"{tmp}/{name}.pt"})

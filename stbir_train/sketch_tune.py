@@ -12,7 +12,9 @@ Two kinds of pairs, mixed in every batch:
   (``stbir_train.sketch_pairs``), a share ``weight`` of every batch, each sketch re-drawn with
   the canvas pen and jittered (``augment``); the same two targets.
 
-The loss is ``loss.image`` x InfoNCE(sketch, image) + ``loss.edge`` x InfoNCE(sketch, edge).
+The loss is ``loss.image`` x InfoNCE(sketch, image) + ``loss.edge`` x InfoNCE(sketch, edge) +
+``loss.drawing`` x InfoNCE of the two drawings' descriptors (``SketchEncoder.with_drawing``: what
+the edge gallery compares a drawn query with).
 The result is a checkpoint like the input's (``stbir-export`` takes it), with ``sketch_tune``
 recording this config. Keys (relative paths resolve against the config's folder)::
 
@@ -24,7 +26,7 @@ recording this config. Keys (relative paths resolve against the config's folder)
     batch_size: 48
     lr: 0.0002
     seed: 0
-    loss: {image: 1.0, edge: 0.5}
+    loss: {image: 1.0, edge: 0.5, drawing: 0.0}
     real_sketches:                       # optional
       root: ../shared/data/sketchy-dev25
       weight: 0.25                       # share of each batch
@@ -108,8 +110,8 @@ def tune_config(data: dict, source: str = "<dict>", base: str | Path = ".") -> T
             raise ConfigError(f"{source}: real_sketches.augment takes drop, rotate, elastic")
     if cfg.steps < 1 or cfg.batch_size < 4 or cfg.lr <= 0 or cfg.limit < 0:
         raise ConfigError(f"{source}: needs steps >= 1, batch_size >= 4, lr > 0, limit >= 0")
-    if set(cfg.loss) - {"image", "edge"} or not any(cfg.loss.values()):
-        raise ConfigError(f"{source}: loss takes image and edge weights, not all 0")
+    if set(cfg.loss) - {"image", "edge", "drawing"} or not any(cfg.loss.values()):
+        raise ConfigError(f"{source}: loss takes image, edge and drawing weights, not all 0")
     return cfg
 
 
@@ -211,11 +213,12 @@ def tune(cfg: TuneConfig, log=print, cache: dict | None = None) -> dict:
                 sk.append(torch.from_numpy(preprocess(s, specs["sketch"])))
                 img.append(prepared[k][0][i])
                 edge.append(prepared[k][1][i])
-        s_vec = model.encode_sketch(torch.stack(sk))
+        s_vec, s_draw = model.encode_sketch_graph(torch.stack(sk))
         loss = cfg.loss.get("image", 0) * info_nce(s_vec, torch.stack(img), cfg.temperature)
-        if cfg.loss.get("edge", 0):
-            e_vec = model.encode_sketch(torch.stack(edge))
-            loss = loss + cfg.loss["edge"] * info_nce(s_vec, e_vec, cfg.temperature)
+        if cfg.loss.get("edge", 0) or cfg.loss.get("drawing", 0):
+            e_vec, e_draw = model.encode_sketch_graph(torch.stack(edge))
+            loss = loss + cfg.loss.get("edge", 0) * info_nce(s_vec, e_vec, cfg.temperature)
+            loss = loss + cfg.loss.get("drawing", 0) * info_nce(s_draw, e_draw, cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

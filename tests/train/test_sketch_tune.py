@@ -101,7 +101,8 @@ def test_config_checks_keys_and_the_real_share(tmp_path):
                      ({"real_sketches": {"root": "sk", "weight": 1.5}}, "between 0 and 1"),
                      ({"real_sketches": {"weight": 0.2}}, "needs root"),
                      ({"real_sketches": {"root": "sk", "augment": {"blur": 1}}}, "augment takes"),
-                     ({"loss": {"image": 0, "edge": 0}}, "not all 0")]:
+                     ({"loss": {"image": 0, "edge": 0}}, "not all 0"),
+                     ({"loss": {"image": 1, "layout": 1}}, "image, edge and drawing")]:
         with pytest.raises(ConfigError, match=msg):
             T.tune_config({**base, **bad}, "t.yaml")
 
@@ -137,6 +138,25 @@ def test_tune_mixes_real_pairs_at_their_share_and_learns_only_the_sketch_tower(t
                if v.is_floating_point() and not torch.equal(v, before.state_dict()[k])}
     assert changed == {"sketch"}
     assert state["sketch_tune"]["real_sketches"]["exclude"] == ["owl"]
+
+
+def test_the_drawing_loss_pairs_the_descriptors_of_sketch_and_edge_drawing(tmp_path, tiny_checkpoint,
+                                                                          monkeypatch):
+    """loss.drawing: InfoNCE between the sketch's and its photo's edge drawing's drawing
+    descriptors (what the edge gallery compares), beside the embedding losses."""
+    from models import load_model
+
+    calls = []
+    real_nce = T.info_nce
+    monkeypatch.setattr(T, "info_nce", lambda a, b, t: calls.append((a.shape, b.shape)) or real_nce(a, b, t))
+    cfg = T.tune_config({"checkpoint": str(tiny_checkpoint), "out": str(tmp_path / "out.pt"),
+                         "data": str(pseudo_folder(tmp_path / "pseudo")), "steps": 2, "batch_size": 4,
+                         "loss": {"image": 0, "edge": 0, "drawing": 1.0}})
+    T.tune(cfg, log=lambda *a: None)
+    model, _ = load_model(tiny_checkpoint)
+    embed, drawing = model.embed_dim, model.sketch.drawing_dim
+    assert drawing != embed
+    assert calls == [((4, embed), (4, embed)), ((4, embed), (4, embed)), ((4, drawing), (4, drawing))] * 2
 
 
 def test_cli_bad_real_folder_is_one_line_exit_2(tmp_path, tiny_checkpoint):
