@@ -36,6 +36,7 @@ import numpy as np
 
 from stbir_infer.edges import METHODS
 from stbir_infer.errors import IndexFormatError, ParameterError
+from stbir_infer.export_dir import MAX_DRAWING_DIM
 
 EDGE_FILE = "edges.npy"
 METHOD = "canny"
@@ -49,9 +50,8 @@ DEFAULT_WEIGHT = 1.0
 # (Searcher(fused_edge_weight=0.7)).
 DEFAULT_FUSED_WEIGHT = 0.0
 # New indexes get an edge gallery unless enroll --no-edge-gallery: on human sketches it lifts the
-# real-photo model's class P@1 0.10 -> 0.38 and instance R@1 0.03 -> 0.17 (held-out weights)
+# real-photo model's instance R@1 0.03 -> 0.18 and class P@1 0.10 -> 0.39 (held-out weights)
 DEFAULT_ON = True
-MAX_DRAWING_DIM = 65536
 CANDIDATES = 50
 CALIBRATION_SAMPLE = 512  # gallery items whose pseudo-sketches calibrate the "auto" threshold
 _NORM_TOLERANCE = 1e-3
@@ -146,10 +146,10 @@ class EdgeVectors:
         split) carried over to edge-gallery scores: the gallery's own pseudo-sketch vectors
         query the other items (up to CALIBRATION_SAMPLE of them), the share of those pairs whose
         photo score passes ``photo_threshold`` is the rate, and the same quantile of their
-        edge-gallery scores is returned (cached). On sketchy-dev25 (real-photo model, weight
-        0.8) the export's 0.399 passes 28% of human sketches' other-class pairs when applied to
-        edge-gallery scores as it is; this mapping (0.613) passes 0.2% (0.1% for photo scores
-        at 0.399), and 4.8% of same-class pairs instead of 1.0%."""
+        edge-gallery scores is returned (cached). On sketchy-dev25 (real-photo model, drawing
+        descriptors, weight 1.0) the export's 0.399 passes 25% of human sketches' other-class
+        pairs when applied to edge-gallery scores as it is; this mapping (0.567) passes 0.5%
+        (0.1% for photo scores at 0.399), and 11% of same-class pairs instead of 1.0%."""
         key = (float(photo_threshold), float(weight), len(self.rows), drawing)
         if self._threshold[0] != key:
             labels, rows = self.matrix()
