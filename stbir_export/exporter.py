@@ -81,7 +81,8 @@ def export_checkpoint(checkpoint, out_dir, *, opset: int = 17, quantize: str | N
         log(f"loading {checkpoint}")
         model = _load(checkpoint)
         calib = None if calibration is None else calibration_set(
-            calibration, checkpoint, model.export_meta.get("config"), model.input_specs())
+            calibration, model.export_meta.get("run_checkpoint") or checkpoint,
+            model.export_meta.get("config"), model.input_specs())
         manifest = _build(model, tmp, checkpoint=checkpoint, opset=int(opset), quantize=quantize,
                           verify=verify, batch=int(batch), log=log, fusion=fusion,
                           threshold_far=float(threshold_far), calibration=calib)
@@ -129,6 +130,10 @@ def _load(checkpoint: Path):
             model, meta = load_model(checkpoint)
             model.export_meta = {k: meta.get(k) for k in ("fusion_selection", "score_thresholds",
                                                            "config")}
+            # a sketch-tuned checkpoint keeps its run's training config; that run's checkpoint
+            # locates the config's folder (--calibration auto)
+            tuned_from = (meta.get("sketch_tune") or {}).get("checkpoint")
+            model.export_meta["run_checkpoint"] = Path(tuned_from) if isinstance(tuned_from, str) else None
             model.export_meta["space"] = embedding_space(model, meta)
             teacher = (meta.get("distill") or {}).get("teacher")
             model.export_meta["teacher"] = ({k: teacher.get(k) for k in ("file", "sha256")}

@@ -230,7 +230,9 @@ def tune(cfg: TuneConfig, log=print, cache: dict | None = None) -> dict:
     keep = {k: v for k, v in ckpt.items()
             if k not in ("format", "format_version", "model_spec", "model", "text_model_files",
                          "optimizer")}
-    record = {**asdict(cfg), "base": None}
+    # the checkpoint tuned from, absolute: its run folder is where the recorded training config's
+    # relative paths start (stbir-export --calibration auto finds the training data through it)
+    record = {**asdict(cfg), "base": None, "checkpoint": str(cfg.path(cfg.checkpoint).resolve())}
     out = save_checkpoint(cfg.path(cfg.out), model, **keep, sketch_tune=record)
     tenth = max(1, cfg.steps // 10)
     summary = {"first_loss": float(np.mean(losses[:tenth])), "last_loss": float(np.mean(losses[-tenth:])),

@@ -196,6 +196,25 @@ def test_auto_calibration_when_the_training_data_moved(tiny_dataset, tmp_path):
                      "the training data is not here", "data-gone")
 
 
+def test_auto_calibration_of_a_sketch_tuned_checkpoint_elsewhere(trained_layout, tiny_dataset,
+                                                                  tmp_path):
+    """stbir-train sketch-tune writes its checkpoint anywhere, with the run's training config;
+    --calibration auto resolves that config from the checkpoint it was tuned from."""
+    from models import load_model
+    from models.checkpoint import read_checkpoint
+
+    model, _ = load_model(trained_layout)
+    state = read_checkpoint(trained_layout)
+    tuned = tmp_path / "elsewhere" / "tuned.pt"
+    tuned.parent.mkdir()
+    save_checkpoint(tuned, model, config=state["config"], metrics={},
+                    sketch_tune={"checkpoint": str(trained_layout.resolve()), "steps": 1})
+    manifest = export_checkpoint(tuned, tmp_path / "out", quantize="int8", calibration="auto",
+                                 verify=False, log=lambda s: None)
+    source = manifest["quantization"]["int8"]["calibration"]["source"]
+    assert os.path.samefile(source[len("auto ("):-1], tiny_dataset)
+
+
 def test_a_calibration_folder_with_sketches_and_photos_feeds_each_tower_its_own(tiny_dataset,
                                                                                  tmp_path):
     import shutil
