@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.sketch_recipes import class_metrics, sketchy  # noqa: E402
+from benchmarks.sketch_recipes import class_metrics, metric_table, sketchy  # noqa: E402
 from models.checkpoint import load_model  # noqa: E402
 from stbir_infer.edges import gallery_sketch  # noqa: E402
 from stbir_infer.preprocess import open_image, preprocess  # noqa: E402
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
     rows.append({"descriptor": f"picked by 5-fold class CV: {picked}", **class_metrics(pooled, owner, classes)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows}, indent=2) + "\n")
-    print("| descriptor | inst R@1 | inst R@10 | class P@1 | class mAP |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['descriptor']} | {r['instance_R@1']:.3f} | {r['instance_R@10']:.3f} | "
-              f"{r['class_P@1']:.3f} | {r['class_mAP']:.3f} |")
+    print(metric_table("descriptor", rows, "descriptor"))
     return 0
 
 

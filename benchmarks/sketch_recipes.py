@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.sketch_proxies import _trunk, embed, spec  # noqa: E402
 from stbir_infer.edges import gallery_sketch  # noqa: E402
 from stbir_infer.preprocess import open_image  # noqa: E402
@@ -66,6 +67,13 @@ def class_metrics(sims: np.ndarray, owner: np.ndarray, classes: list[str]) -> di
             "class_mAP": float(ap.mean()), "queries": int(len(owner))}
 
 
+def metric_table(name: str, rows: list[dict], key: str) -> str:
+    """Markdown: one row per ``rows`` item (``class_metrics`` keys), labelled by ``row[key]``."""
+    return common.md_table([name, "inst R@1", "inst R@10", "class P@1", "class mAP"],
+                           [[r[key], *(f"{r[m]:.3f}" for m in ("instance_R@1", "instance_R@10",
+                                                             "class_P@1", "class_mAP"))] for r in rows])
+
+
 def scores(q: torch.Tensor, g: torch.Tensor, owner: np.ndarray, classes: list[str]) -> dict:
     return class_metrics((q @ g.T).numpy(), owner, classes)
 
@@ -101,11 +109,7 @@ def main(argv=None) -> int:
               "command": " ".join(["python", "benchmarks/sketch_recipes.py", *map(str, argv or sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print("| gallery drawing | instance R@1 | R@10 | class P@1 | class mAP |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['recipe']} | {r['instance_R@1']:.3f} | {r['instance_R@10']:.3f} | "
-              f"{r['class_P@1']:.3f} | {r['class_mAP']:.3f} |")
+    print(metric_table("gallery drawing", rows, "recipe"))
     return 0
 
 

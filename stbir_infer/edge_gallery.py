@@ -70,7 +70,7 @@ def check_weight(weight, default: float = DEFAULT_WEIGHT) -> float:
 def share(q, alone: float, fused: float) -> float:
     """The edge gallery's share of a query's score (``q``: a QuerySpec): ``alone`` when the
     sketch is the whole query (no other input, or a text at sketch_weight 1), ``fused`` for
-    sketch+text, else 0."""
+    sketch+text (0 at sketch_weight 0: the text alone), else 0."""
     if q.mode == "sketch" or (q.mode == "sketch+text" and q.sketch_weight == 1):
         return alone
     # at sketch_weight 0 the user asked for the text alone: the drawing must not count either
@@ -231,7 +231,6 @@ def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float,
     query = np.asarray(query, np.float32)
     labels, rows = idx.edges.matrix()
     vecs = idx.edges.part(rows, drawing)
-    sketch = idx.edges.part(np.asarray(sketch, np.float32).reshape(-1), drawing)
     if allowed is not None:
         keep = np.isin(labels, np.fromiter(allowed, np.int64, len(allowed)))
         labels, vecs = labels[keep], vecs[keep]
@@ -241,7 +240,7 @@ def search(idx, query: np.ndarray, sketch: np.ndarray, k: int, *, weight: float,
     # 256-d embeddings: einsum, not BLAS (BLAS threads' wake-up cost 5-10 ms a query on a busy
     # 2-core machine); 1,024-d drawing descriptors: BLAS, 2 ms against einsum's 11 ms at 20,000
     # photos (benchmarks/edge_gallery.py)
-    drawn = _unit(np.asarray(sketch, np.float32).reshape(1, -1))[0]
+    drawn = _unit(idx.edges.part(np.asarray(sketch, np.float32).reshape(1, -1), drawing))[0]
     edge_scores = vecs @ drawn if drawing else np.einsum("nd,d->n", vecs, drawn)
     n = min(len(labels), max(k, CANDIDATES))
     top = np.argpartition(-edge_scores, n - 1)[:n]

@@ -169,25 +169,22 @@ class Encoders:
         return out
 
     # -- encoders --------------------------------------------------------------------------------
-    def encode_pixels(self, branch: str, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed float32 [B, C, S, S] -> unit vectors [B, D]."""
+    def encode_pixels(self, branch: str, pixels: np.ndarray, *, drawing: bool = False) -> np.ndarray:
+        """Preprocessed float32 [B, C, S, S] -> unit vectors [B, D]; with ``drawing`` (the
+        sketch graph) each followed by its drawing descriptor."""
         if branch not in ("sketch", "image"):
             raise ValueError(f"branch must be sketch or image, not {branch!r}")
         pixels = np.ascontiguousarray(pixels, np.float32)
         if pixels.shape[0] == 0:
-            return np.zeros((0, self.embed_dim), np.float32)
+            return np.zeros((0, self.embed_dim + (self.drawing_dim if drawing else 0)), np.float32)
         name = self.manifest["encoders"][branch]["inputs"][0]["name"]
-        return self._run(branch, {name: pixels})
+        return self._run(branch, {name: pixels}, drawing=drawing)
 
     def encode_sketch_drawings(self, pixels: np.ndarray) -> np.ndarray:
         """Preprocessed sketches [B, 1, S, S] -> [B, D + drawing_dim]: each unit embedding
         followed by its drawing descriptor (the edge gallery's rows, ``stbir_infer.edge_gallery``);
         an export without a drawing output gives the embeddings alone."""
-        pixels = np.ascontiguousarray(pixels, np.float32)
-        if pixels.shape[0] == 0:
-            return np.zeros((0, self.embed_dim + self.drawing_dim), np.float32)
-        name = self.manifest["encoders"]["sketch"]["inputs"][0]["name"]
-        return self._run("sketch", {name: pixels}, drawing=self.drawing_dim > 0)
+        return self.encode_pixels("sketch", pixels, drawing=self.drawing_dim > 0)
 
     def preprocess(self, branch: str, images: Iterable) -> np.ndarray:
         """Paths / PIL images -> float32 [B, C, S, S]; raises ImageDecodeError on a bad file."""

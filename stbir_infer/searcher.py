@@ -241,8 +241,8 @@ class Searcher:
             except QueryError as exc:
                 out[i] = exc
         # a sketch's row: its embedding, then (for the edge gallery) its drawing descriptor
-        sketches = self._encode_many(specs, "sketch", out, batch_size,
-                                     drawing=edge_gallery.uses_drawing(idx, self.encoders))
+        drawing = edge_gallery.uses_drawing(idx, self.encoders)
+        sketches = self._encode_many(specs, "sketch", out, batch_size, drawing=drawing)
         images = self._encode_many(specs, "image", out, batch_size)
         texts = self._encode_many(specs, "text", out, batch_size)
         dim = self.encoders.embed_dim
@@ -258,10 +258,10 @@ class Searcher:
                     share = edge_gallery.share(q, self.edge_weight, self.fused_edge_weight)
                     hits = self._search(idx, vector, q.top_k, q.where,
                                         same=sha if q.has_image else None,
-                                        sketch=row, edge_weight=share)
+                                        sketch=row, edge_weight=share, drawing=drawing)
                     floor = floors[i]
                     if floor is not None and q.min_score == AUTO:
-                        floor = self._on_edge_scores(idx, floor, share)
+                        floor = self._on_edge_scores(idx, floor, share, drawing)
                     out[i] = hits if floor is None else [h for h in hits if h.score >= floor]
                 except QueryError as exc:
                     out[i] = exc
@@ -318,17 +318,22 @@ class Searcher:
         gets it mapped onto those scores (``EdgeVectors.threshold``)."""
         modes = dict((self.fusion.thresholds or {}).get("modes") or {})
         idx = self.current_index()
+        if idx is None:
+            return modes
+        drawing = edge_gallery.uses_drawing(idx, self.encoders)
         for mode, share in (("sketch", self.edge_weight), ("sketch+text", self.fused_edge_weight)):
-            if mode in modes and idx is not None:
-                modes[mode] = self._on_edge_scores(idx, modes[mode], share)
+            if mode in modes:
+                modes[mode] = self._on_edge_scores(idx, modes[mode], share, drawing)
         return modes
 
-    def _on_edge_scores(self, idx: GalleryIndex, threshold: float, share: float) -> float:
+    @staticmethod
+    def _on_edge_scores(idx: GalleryIndex, threshold: float, share: float, drawing: bool) -> float:
         """The export's threshold for photo scores, as it reads on scores that give the edge
-        gallery ``share`` (unchanged without an edge gallery or a share)."""
+        gallery ``share`` (unchanged without an edge gallery or a share); ``drawing``: the
+        gallery compares drawing descriptors (``edge_gallery.uses_drawing``)."""
         if not share or idx.edges is None:
             return threshold
-        return idx.edges.threshold(idx, threshold, share, edge_gallery.uses_drawing(idx, self.encoders))
+        return idx.edges.threshold(idx, threshold, share, drawing)
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
                       mode: str | None = None) -> float | None:
@@ -357,18 +362,17 @@ class Searcher:
 
     def _search(self, idx: GalleryIndex, vector: np.ndarray, top_k: int, where=None, *,
                 same: str | None = None, sketch: np.ndarray | None = None,
-                edge_weight: float = 0.0) -> list[Hit]:
+                edge_weight: float = 0.0, drawing: bool = False) -> list[Hit]:
         """``same``: the example photo's sha256 (hits holding it get ``same_file`` True); ""
         when it is not known (every hit False); None for a query without a photo. ``sketch``:
-        the query's sketch vector, scored against the edge gallery at ``edge_weight`` where the
-        index has one."""
+        the query's sketch row, scored against the edge gallery at ``edge_weight`` where the
+        index has one (by drawing descriptors with ``drawing``)."""
         allowed = idx.labels_where(where) if where else None
         ef = self.ef_search or idx.params.ef_search
         with self._lock:  # hnswlib's ef is index-wide state
             if sketch is not None and idx.edges is not None and edge_weight > 0:
                 found = edge_gallery.search(idx, vector, sketch, top_k, weight=edge_weight, ef=ef,
-                                            allowed=allowed,
-                                            drawing=edge_gallery.uses_drawing(idx, self.encoders))
+                                            allowed=allowed, drawing=drawing)
             else:
                 found = idx.search(vector, top_k, ef=ef, allowed=allowed)
         return hits_of(idx, found, where, same)
