@@ -169,9 +169,13 @@ class Encoders:
         return out
 
     # -- encoders --------------------------------------------------------------------------------
-    def encode_pixels(self, branch: str, pixels: np.ndarray, *, drawing: bool = False) -> np.ndarray:
-        """Preprocessed float32 [B, C, S, S] -> unit vectors [B, D]; with ``drawing`` (the
-        sketch graph) each followed by its drawing descriptor."""
+    def encode_pixels(self, branch: str, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed float32 [B, C, S, S] -> unit vectors [B, D]."""
+        return self._encode(branch, pixels, drawing=False)
+
+    def _encode(self, branch: str, pixels: np.ndarray, drawing: bool) -> np.ndarray:
+        """``encode_pixels``; with ``drawing`` (the sketch graph) each row followed by its
+        drawing descriptor."""
         if branch not in ("sketch", "image"):
             raise ValueError(f"branch must be sketch or image, not {branch!r}")
         pixels = np.ascontiguousarray(pixels, np.float32)
@@ -184,7 +188,7 @@ class Encoders:
         """Preprocessed sketches [B, 1, S, S] -> [B, D + drawing_dim]: each unit embedding
         followed by its drawing descriptor (the edge gallery's rows, ``stbir_infer.edge_gallery``);
         an export without a drawing output gives the embeddings alone."""
-        return self.encode_pixels("sketch", pixels, drawing=self.drawing_dim > 0)
+        return self._encode("sketch", pixels, drawing=self.drawing_dim > 0)
 
     def preprocess(self, branch: str, images: Iterable) -> np.ndarray:
         """Paths / PIL images -> float32 [B, C, S, S]; raises ImageDecodeError on a bad file."""
