@@ -149,7 +149,10 @@ class EdgeVectors:
         edge-gallery scores is returned (cached). On sketchy-dev25 (real-photo model, drawing
         descriptors, weight 1.0) the export's 0.399 passes 25% of human sketches' other-class
         pairs when applied to edge-gallery scores as it is; this mapping (0.567) passes 0.5%
-        (0.1% for photo scores at 0.399), and 11% of same-class pairs instead of 1.0%."""
+        (0.1% for photo scores at 0.399), and 11% of same-class pairs instead of 1.0%. At
+        weight 0 (photo scores only) it is ``photo_threshold`` as it is."""
+        if not weight:
+            return float(photo_threshold)
         key = (float(photo_threshold), float(weight), len(self.rows), drawing)
         if self._threshold[0] != key:
             labels, rows = self.matrix()

@@ -260,8 +260,8 @@ class Searcher:
                                         same=sha if q.has_image else None,
                                         sketch=row, edge_weight=share, drawing=drawing)
                     floor = floors[i]
-                    if floor is not None and q.min_score == AUTO:
-                        floor = self._on_edge_scores(idx, floor, share, drawing)
+                    if floor is not None and q.min_score == AUTO and idx.edges is not None:
+                        floor = idx.edges.threshold(idx, floor, share, drawing)
                     out[i] = hits if floor is None else [h for h in hits if h.score >= floor]
                 except QueryError as exc:
                     out[i] = exc
@@ -318,22 +318,13 @@ class Searcher:
         gets it mapped onto those scores (``EdgeVectors.threshold``)."""
         modes = dict((self.fusion.thresholds or {}).get("modes") or {})
         idx = self.current_index()
-        if idx is None:
+        if idx is None or idx.edges is None:
             return modes
         drawing = edge_gallery.uses_drawing(idx, self.encoders)
         for mode, share in (("sketch", self.edge_weight), ("sketch+text", self.fused_edge_weight)):
             if mode in modes:
-                modes[mode] = self._on_edge_scores(idx, modes[mode], share, drawing)
+                modes[mode] = idx.edges.threshold(idx, modes[mode], share, drawing)
         return modes
-
-    @staticmethod
-    def _on_edge_scores(idx: GalleryIndex, threshold: float, share: float, drawing: bool) -> float:
-        """The export's threshold for photo scores, as it reads on scores that give the edge
-        gallery ``share`` (unchanged without an edge gallery or a share); ``drawing``: the
-        gallery compares drawing descriptors (``edge_gallery.uses_drawing``)."""
-        if not share or idx.edges is None:
-            return threshold
-        return idx.edges.threshold(idx, threshold, share, drawing)
 
     def min_score_for(self, min_score, sketch=None, text: str | None = None, *, image=None,
                       mode: str | None = None) -> float | None:
